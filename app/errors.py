@@ -1,0 +1,104 @@
+"""RFC 9457 problem documents, and the handlers that turn every error into one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:hello-birthday:problem:"
+RETRY_AFTER_SECONDS = 1
+
+logger = logging.getLogger("app.errors")
+
+
+class Problem(Exception):
+    """An error a client can act on: rendered as application/problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.type = PROBLEM_TYPE_PREFIX + slug if slug else "about:blank"
+        self.title = title or HTTPStatus(status).phrase
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def bad_request(slug: str, detail: str) -> Problem:
+    return Problem(400, slug, detail)
+
+
+def unprocessable(detail: str) -> Problem:
+    return Problem(422, "invalid-date-of-birth", detail, title="Invalid date of birth")
+
+
+def database_unavailable() -> Problem:
+    return Problem(
+        503,
+        "database-unavailable",
+        "The database did not answer in time; retry after the number of seconds in Retry-After.",
+        title="Service temporarily unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> Response:
+    body = {
+        "type": problem.type,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+    }
+    if instance:
+        body["instance"] = instance
+    return Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        status_code=problem.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=problem.headers,
+    )
+
+
+# Starlette's own HTTP errors (routing) mapped to problem types.
+_HTTP_DETAILS = {
+    404: ("not-found", "No resource lives at this path."),
+    405: ("method-not-allowed", "This path does not support the method; see the Allow header."),
+}
+
+
+async def handle_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)  # nosec B101 - registered for Problem only
+    return problem_response(exc, request.url.path)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # nosec B101 - registered for HTTPException only
+    slug, detail = _HTTP_DETAILS.get(exc.status_code, ("", HTTPStatus(exc.status_code).phrase))
+    headers = dict(exc.headers or {})
+    if "Allow" in headers:
+        headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+    return problem_response(
+        Problem(exc.status_code, slug, detail, headers=headers), request.url.path
+    )
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the log, never to the client.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        Problem(500, "internal-error", "The server failed to answer; this is not your fault."),
+        request.url.path,
+    )

@@ -1,0 +1,48 @@
+"""Operational endpoints: liveness, readiness, and the schema head readiness waits for."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from app.database import DatabaseUnavailable
+from app.errors import Problem, problem_response
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+logger = logging.getLogger("app.health")
+
+
+def migration_heads(migrations_dir: Path = MIGRATIONS_DIR) -> set[str]:
+    """The head revision(s) of the alembic scripts shipped with this code."""
+    from alembic.script import ScriptDirectory  # only needed once, at start-up
+
+    return set(ScriptDirectory(str(migrations_dir)).get_heads())
+
+
+async def healthz(request: Request) -> JSONResponse:
+    # Liveness never touches the database: a database outage must not restart pods.
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    lifecycle = request.state.lifecycle
+    if lifecycle.draining:
+        return _not_ready("shutting down")
+    try:
+        revisions = await request.state.database.schema_revisions()
+    except DatabaseUnavailable:
+        return _not_ready("database unavailable")
+    if revisions != lifecycle.schema_heads:
+        return _not_ready("database schema is not at the migration head")
+    return JSONResponse({"status": "ready"})
+
+
+def _not_ready(reason: str) -> Response:
+    problem = Problem(
+        503, "not-ready", f"Not ready: {reason}.", title="Not ready",
+        headers={"Retry-After": "1"},
+    )
+    return problem_response(problem, "/readyz")

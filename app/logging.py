@@ -1,0 +1,185 @@
+"""Logs in the shape Google Cloud Logging reads, one JSON object per line on stdout.
+
+Why not google-cloud-logging's StructuredLogHandler: it pulls in the cloud
+client stack (grpc, protobuf, google-auth) at import, which costs start-up
+time on a scale-from-zero service; the format it writes is small and public
+(https://cloud.google.com/logging/docs/structured-logging), so this module
+writes the same fields directly. In a terminal the lines are plain text.
+
+Request bodies are never logged, so a date of birth never reaches a log.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+
+from app.settings import Settings
+
+TRACE_KEY = "logging.googleapis.com/trace"
+SPAN_KEY = "logging.googleapis.com/spanId"
+SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
+
+_HEX = frozenset("0123456789abcdef")
+_request_trace: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "request_trace", default=None
+)
+access_logger = logging.getLogger("app.access")
+
+
+def _is_hex(value: str, length: int) -> bool:
+    return len(value) == length and set(value) <= _HEX and value != "0" * length
+
+
+def parse_trace(
+    traceparent: str | None, cloud_trace: str | None, project: str | None
+) -> dict | None:
+    """Cloud Logging trace fields from a W3C traceparent or an X-Cloud-Trace-Context."""
+    if not project:
+        return None
+    if traceparent:
+        parts = traceparent.strip().lower().split("-")
+        if len(parts) >= 4 and _is_hex(parts[1], 32) and _is_hex(parts[2], 16):
+            flags = int(parts[3], 16) if _is_hex(parts[3], 2) else 0
+            return {
+                TRACE_KEY: f"projects/{project}/traces/{parts[1]}",
+                SPAN_KEY: parts[2],
+                SAMPLED_KEY: bool(flags & 1),
+            }
+    if cloud_trace:
+        # TRACE_ID/SPAN_ID;o=OPTIONS, the span id in decimal.
+        trace_part, _, options = cloud_trace.strip().partition(";")
+        trace_id, _, span = trace_part.partition("/")
+        trace_id = trace_id.lower()
+        if _is_hex(trace_id, 32):
+            fields = {TRACE_KEY: f"projects/{project}/traces/{trace_id}"}
+            if span.isdigit() and 0 < int(span) < 2**64:
+                fields[SPAN_KEY] = f"{int(span):016x}"
+            fields[SAMPLED_KEY] = options.strip() == "o=1"
+            return fields
+    return None
+
+
+class CloudLoggingFormatter(logging.Formatter):
+    """One JSON object per record with the fields Cloud Logging lifts out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        entry = {
+            "severity": record.levelname,
+            "message": message,
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "logger": record.name,
+        }
+        http_request = getattr(record, "http_request", None)
+        if http_request is not None:
+            entry["httpRequest"] = http_request
+        trace = _request_trace.get()
+        if trace:
+            entry.update(trace)
+        if record.levelno >= logging.ERROR:
+            entry["logging.googleapis.com/sourceLocation"] = {
+                "file": record.pathname,
+                "line": record.lineno,
+                "function": record.funcName,
+            }
+        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class TerminalFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+
+def configure_logging(settings: Settings, stream=None) -> logging.Handler:
+    """Route every logger (ours, uvicorn's) through one handler on stdout."""
+    stream = stream or sys.stdout
+    use_json = settings.log_format == "json" or (
+        settings.log_format == "auto" and not stream.isatty()
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(CloudLoggingFormatter() if use_json else TerminalFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+    # This module writes the access log; uvicorn's would be a second, unstructured line.
+    logging.getLogger("uvicorn.access").disabled = True
+    return handler
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class AccessLogMiddleware:
+    """Pure ASGI middleware: one log line per request, and the trace for every
+    line logged while the request runs."""
+
+    def __init__(self, app, project: str | None) -> None:
+        self.app = app
+        self.project = project
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        trace = parse_trace(
+            _header(scope, b"traceparent"), _header(scope, b"x-cloud-trace-context"), self.project
+        )
+        token = _request_trace.set(trace)
+        status = 500
+
+        async def send_and_record(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            latency = time.perf_counter() - started
+            self._log(scope, status, latency)
+            _request_trace.reset(token)
+
+    def _log(self, scope, status: int, latency: float) -> None:
+        level = logging.ERROR if status >= 500 else (
+            logging.WARNING if status >= 400 else logging.INFO
+        )
+        if not access_logger.isEnabledFor(level):
+            return
+        client = scope.get("client")
+        http_request = {
+            "requestMethod": scope["method"],
+            "requestUrl": scope["path"],
+            "status": status,
+            "latency": f"{latency:.6f}s",
+            "userAgent": _header(scope, b"user-agent") or "",
+            "remoteIp": client[0] if client else "",
+            "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
+        }
+        access_logger.log(
+            level,
+            "%s %s %d %.1fms",
+            scope["method"],
+            scope["path"],
+            status,
+            latency * 1000,
+            extra={"http_request": http_request},
+        )

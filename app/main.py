@@ -1,0 +1,93 @@
+"""The ASGI application: ``app.main:app``, built by ``create_app`` from settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route, Router
+
+from app import errors, health, openapi, routes
+from app.database import Database, DatabaseUnavailable
+from app.logging import AccessLogMiddleware
+from app.settings import Settings, load_settings
+
+logger = logging.getLogger("app")
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Lifecycle:
+    """Process-wide state the server and readiness share."""
+
+    schema_heads: set[str] = field(default_factory=set)
+    draining: bool = False
+
+
+async def _database_unavailable(request, exc):
+    return errors.problem_response(errors.database_unavailable(), request.url.path)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock = utc_now,
+    database: Database | None = None,
+) -> Starlette:
+    settings = settings or load_settings()
+    lifecycle = Lifecycle()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict]:
+        lifecycle.schema_heads = health.migration_heads()
+        db = database or Database(settings)
+        logger.info(
+            "serving on the %s database", "embedded SQLite" if settings.is_sqlite else "PostgreSQL"
+        )
+        try:
+            yield {"database": db, "clock": clock, "lifecycle": lifecycle}
+        finally:
+            await db.dispose()
+
+    app = Starlette(
+        routes=[
+            Route("/hello/{username:path}", routes.hello, methods=["GET", "PUT", "DELETE"]),
+            Route("/healthz", health.healthz, methods=["GET"]),
+            Route("/readyz", health.readyz, methods=["GET"]),
+            Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        ],
+        middleware=[Middleware(AccessLogMiddleware, project=settings.google_cloud_project)],
+        exception_handlers={
+            errors.Problem: errors.handle_problem,
+            HTTPException: errors.handle_http_exception,
+            DatabaseUnavailable: _database_unavailable,
+            Exception: errors.handle_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    # /hello is an unknown path, not a redirect to /hello/.
+    assert isinstance(app.router, Router)  # nosec B101
+    app.router.redirect_slashes = False
+    app.state.lifecycle = lifecycle
+    app.state.settings = settings
+    return app
+
+
+def __getattr__(name: str):
+    # `app.main:app` is built on first access, so importing this module (tests,
+    # tools) does not read the environment.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,72 @@
+"""The public API: /hello/{username}. Each endpoint validates, then calls the database."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app import validation
+from app.birthday import greeting
+from app.errors import Problem
+
+_NO_CONTENT = 204
+
+
+def _json(payload: dict) -> Response:
+    return Response(
+        json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
+        media_type="application/json",
+    )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "invalid-content-length", "Content-Length must be a whole number.")
+        if int(declared) > validation.MAX_BODY_BYTES:
+            raise validation.body_too_large()
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > validation.MAX_BODY_BYTES:
+            raise validation.body_too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def hello(request: Request) -> Response:
+    username = validation.parse_username(request.path_params["username"])
+    method = request.method
+    database = request.state.database
+    if method == "DELETE":
+        if not await database.delete(username):
+            raise _unknown_user(username)
+        return Response(status_code=_NO_CONTENT)
+
+    zone = validation.parse_timezone(request.query_params.get("tz"))
+    today = validation.today_in(zone, request.state.clock())
+    if method == "PUT":
+        validation.check_content_type(request.headers.get("content-type"))
+        body = await _read_body(request)
+        date_of_birth = validation.parse_date_of_birth(body, today)
+        await database.upsert(username, date_of_birth)
+        return Response(status_code=_NO_CONTENT)
+
+    date_of_birth = await database.date_of_birth(username)
+    if date_of_birth is None:
+        raise _unknown_user(username)
+    return _json({"message": greeting(username, date_of_birth, today)})
+
+
+def _unknown_user(username: str) -> Problem:
+    return Problem(
+        404,
+        "user-not-found",
+        f"No date of birth is stored for {username!r}; save one with PUT first.",
+        title="User not found",
+    )

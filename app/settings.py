@@ -1,0 +1,121 @@
+"""Configuration, read once from the environment and validated before start-up.
+
+A missing or malformed value raises ``SettingsError`` whose message names the
+variable; ``python -m app`` prints it on one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_SQLITE_PATH = "hello-birthday.sqlite3"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    host: str = "0.0.0.0"  # nosec B104 - a container must listen on all interfaces
+    port: int = 8080
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    db_pool_size: int = 10
+    db_pool_timeout: float = 2.0
+    db_statement_timeout: float = 5.0
+    shutdown_drain_seconds: float = 0.0
+    google_cloud_project: str | None = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def async_database_url(self) -> str:
+        """The SQLAlchemy URL the service uses (psycopg async or aiosqlite)."""
+        if self.is_sqlite:
+            return self.database_url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+        return self.database_url
+
+    @property
+    def sync_database_url(self) -> str:
+        """The SQLAlchemy URL alembic uses (psycopg or the stdlib sqlite3)."""
+        return self.database_url
+
+    @property
+    def db_call_timeout(self) -> float:
+        """Upper bound on one database call seen from the client side.
+
+        Waiting for a pooled (or new) connection plus running the statement;
+        this is what keeps a request from hanging on a dead database.
+        """
+        return self.db_pool_timeout + self.db_statement_timeout
+
+
+def normalise_database_url(raw: str) -> str:
+    """Map the URL forms people paste to a SQLAlchemy URL that uses psycopg 3."""
+    url = raw.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        raise SettingsError(f"DATABASE_URL must look like postgresql://user@host/db, got {raw!r}")
+    scheme = scheme.lower()
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg_async"):
+        return "postgresql+psycopg://" + rest
+    if scheme in ("sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"):
+        return "sqlite://" + rest
+    raise SettingsError(
+        f"DATABASE_URL scheme {scheme!r} is not supported; use postgresql:// (or sqlite:// for "
+        "the embedded mode)"
+    )
+
+
+def _number(env: Mapping[str, str], name: str, default, kind, minimum, maximum=None):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if value != value or value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise SettingsError(f"{name} must be {bounds}, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices, upper: bool) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    value = raw.upper() if upper else raw.lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise SettingsError naming the first bad one."""
+    env = os.environ if env is None else env
+    raw_url = env.get("DATABASE_URL", "").strip()
+    database_url = (
+        normalise_database_url(raw_url) if raw_url else f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    )
+    host = env.get("HOST", "").strip() or Settings.host
+    return Settings(
+        database_url=database_url,
+        host=host,
+        port=_number(env, "PORT", 8080, int, 1, 65535),
+        log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        log_format=_choice(env, "LOG_FORMAT", "auto", LOG_FORMATS, upper=False),
+        db_pool_size=_number(env, "DB_POOL_SIZE", 10, int, 1, 1000),
+        db_pool_timeout=_number(env, "DB_POOL_TIMEOUT", 2.0, float, 0.1, 300),
+        db_statement_timeout=_number(env, "DB_STATEMENT_TIMEOUT", 5.0, float, 0.1, 3600),
+        shutdown_drain_seconds=_number(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, float, 0, 3600),
+        google_cloud_project=env.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+    )

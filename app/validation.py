@@ -1,0 +1,121 @@
+"""Turning what a client sent into domain values, or a Problem that says why not."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+import zoneinfo
+from datetime import date, datetime, timezone, tzinfo
+from functools import lru_cache
+
+from app.errors import Problem, bad_request, unprocessable
+from app.models import USERNAME_MAX_LENGTH
+
+MAX_BODY_BYTES = 1024
+_DATE_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_username(raw: str) -> str:
+    """NFC-normalise and check a username taken from the percent-decoded path."""
+    # Bound the work before normalising: NFC never grows a string by more than 3x.
+    if len(raw) > USERNAME_MAX_LENGTH * 4:
+        raise _username_problem(f"is longer than {USERNAME_MAX_LENGTH} characters")
+    name = unicodedata.normalize("NFC", raw)
+    if not name:
+        raise _username_problem("is empty")
+    if len(name) > USERNAME_MAX_LENGTH:
+        raise _username_problem(f"is longer than {USERNAME_MAX_LENGTH} characters")
+    if not name.isalpha():
+        raise _username_problem("contains a character that is not a letter")
+    return name
+
+
+def _username_problem(reason: str) -> Problem:
+    return bad_request(
+        "invalid-username",
+        f"The username {reason}; use 1 to {USERNAME_MAX_LENGTH} letters (Unicode letters "
+        "allowed, no digits, spaces or punctuation).",
+    )
+
+
+@lru_cache(maxsize=1)
+def _known_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+@lru_cache(maxsize=512)
+def _zone(name: str) -> tzinfo:
+    return zoneinfo.ZoneInfo(name)
+
+
+def parse_timezone(raw: str | None) -> tzinfo:
+    """The zone that defines *today*: UTC unless ``?tz=`` names an IANA zone."""
+    if raw is None:
+        return timezone.utc
+    if raw not in _known_zones():
+        shown = raw if len(raw) <= 64 else raw[:64] + "..."
+        raise bad_request(
+            "unknown-time-zone",
+            f"The tz parameter {shown!r} is not an IANA time zone name such as "
+            "'Europe/Paris' or 'UTC'.",
+        )
+    return _zone(raw)
+
+
+def today_in(zone: tzinfo, now: datetime) -> date:
+    return now.astimezone(zone).date()
+
+
+def check_content_type(value: str | None) -> None:
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Send the body as JSON with the header 'Content-Type: application/json'.",
+        )
+
+
+def body_too_large() -> Problem:
+    return Problem(
+        413,
+        "body-too-large",
+        f"The request body is larger than {MAX_BODY_BYTES} bytes; send only "
+        '{"dateOfBirth": "YYYY-MM-DD"}.',
+    )
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_date_of_birth(body: bytes, today: date) -> date:
+    """The ``dateOfBirth`` of a PUT body: a real date, strictly before ``today``."""
+    try:
+        document = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise bad_request(
+            "invalid-json", 'The request body is not valid JSON; send {"dateOfBirth": "YYYY-MM-DD"}.'
+        ) from None
+    if not isinstance(document, dict):
+        raise bad_request(
+            "invalid-json",
+            'The request body must be a JSON object such as {"dateOfBirth": "YYYY-MM-DD"}.',
+        )
+    if "dateOfBirth" not in document:
+        raise unprocessable('The body has no "dateOfBirth" member.')
+    value = document["dateOfBirth"]
+    if not isinstance(value, str):
+        raise unprocessable('"dateOfBirth" must be a string in YYYY-MM-DD form.')
+    if not _DATE_FORM.fullmatch(value):
+        raise unprocessable('"dateOfBirth" must be in YYYY-MM-DD form, e.g. "1990-04-23".')
+    try:
+        parsed = date.fromisoformat(value)
+    except ValueError:
+        raise unprocessable(f'"dateOfBirth" {value!r} is not a real calendar date.') from None
+    if parsed >= today:
+        raise unprocessable(
+            f'"dateOfBirth" must be before today ({today.isoformat()}); got {value!r}.'
+        )
+    return parsed

@@ -1,0 +1,163 @@
+"""Every task of the project, one session each. CI (.ci/run, CircleCI) runs these same sessions.
+
+    nox -s serve        run the API (embedded SQLite unless DATABASE_URL is set)
+    nox -s tests        pytest with coverage, on PostgreSQL and SQLite
+    nox -s lint bandit safety licenses   the gates
+    nox -s lock         re-pin every requirements/*.txt from its .in / pyproject.toml
+
+Versions live in the lock files under requirements/ (hash-checked), nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+REQ = ROOT / "requirements"
+MAIN_LOCK = str(REQ / "main.txt")
+DEV_LOCK = str(REQ / "dev.txt")
+TOOLS_LOCK = str(REQ / "tools.txt")
+SAFETY_LOCK = str(REQ / "safety.txt")
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+# Gates: what .ci/run and every CircleCI branch build run.
+GATES = ["tests", "lint", "bandit", "safety", "licenses"]
+
+nox.options.sessions = GATES
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+
+def install_locked(session: nox.Session, *locks: str) -> None:
+    args = ["--require-hashes", "--no-deps"]
+    for lock in locks:
+        args += ["-r", lock]
+    session.install(*args)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Migrate, then serve the API on PORT (default 8080)."""
+    install_locked(session, MAIN_LOCK)
+    if not os.environ.get("DATABASE_URL"):
+        session.log("DATABASE_URL is not set: using the embedded SQLite file hello-birthday.sqlite3")
+    session.run("alembic", "upgrade", "head")
+    session.run("python", "-m", "app", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """pytest with coverage on PostgreSQL (TEST_DATABASE_URL) and on SQLite."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
+    session.run(
+        "pytest",
+        "--cov",
+        "--cov-report=term",
+        "--cov-report=xml:build/coverage.xml",
+        "--junitxml=build/junit.xml",
+        *session.posargs,
+        env=env,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """flake8 over everything that is Python."""
+    install_locked(session, TOOLS_LOCK)
+    session.run("flake8", *(session.posargs or ["app", "migrations", "tests", "noxfile.py"]))
+
+
+@nox.session
+def bandit(session: nox.Session) -> None:
+    """Security lint of the shipped code."""
+    install_locked(session, TOOLS_LOCK)
+    session.run("bandit", "-c", "pyproject.toml", "-r", "app", "migrations", "-q")
+
+
+@nox.session
+def safety(session: nox.Session) -> None:
+    """Known vulnerabilities in the locked dependencies.
+
+    SAFETY_DB=online uses safety's live database (CircleCI); otherwise the
+    offline safety-db snapshot, which works without network but is old.
+    """
+    install_locked(session, SAFETY_LOCK)
+    args = ["safety", "check", "--full-report", "-r", MAIN_LOCK, "-r", DEV_LOCK]
+    if os.environ.get("SAFETY_DB", "offline") == "online":
+        session.log("safety database: ONLINE (the live database)")
+    else:
+        db = session.run(
+            "python", "-c", "import os, safety_db; print(os.path.dirname(safety_db.__file__))",
+            silent=True,
+        ).strip()
+        version = session.run(
+            "python", "-c", "from importlib.metadata import version; print(version('safety-db'))",
+            silent=True,
+        ).strip()
+        session.log(
+            f"safety database: OFFLINE snapshot safety-db {version} at {db} "
+            "(set SAFETY_DB=online where the internet is reachable)"
+        )
+        args += ["--db", db]
+    session.run(*args)
+
+
+# Licences the runtime may not carry. LGPL (psycopg) is fine for a dynamically
+# linked library; GPL and AGPL are not, and an unknown licence is not either.
+FORBIDDEN_LICENCES = ("GPL", "AGPL", "GNU General Public License", "Affero")
+ALLOWED_DESPITE_MATCH = ("LGPL", "Lesser General Public", "GNU Library")
+
+
+def licence_problem(licence: str) -> str | None:
+    text = licence.strip()
+    if not text or text.upper() == "UNKNOWN":
+        return "unknown licence"
+    parts = [part.strip() for part in text.replace(" OR ", ";").split(";")]
+    for part in parts:
+        if any(allowed in part for allowed in ALLOWED_DESPITE_MATCH):
+            continue
+        if any(forbidden in part for forbidden in FORBIDDEN_LICENCES):
+            return f"forbidden licence {part!r}"
+    return None
+
+
+@nox.session
+def licenses(session: nox.Session) -> None:
+    """Licences of the runtime dependencies (what ships in the image)."""
+    install_locked(session, TOOLS_LOCK)
+    runtime = Path(session.create_tmp()) / "runtime"
+    session.run(sys.executable, "-m", "venv", "--clear", str(runtime), external=True)
+    runtime_python = str(runtime / "bin" / "python")
+    session.run(runtime_python, "-m", "pip", "install", "-q", "--require-hashes", "--no-deps",
+                "-r", MAIN_LOCK, external=True)
+    report = session.run(
+        "pip-licenses", f"--python={runtime_python}", "--from=mixed", "--format=json",
+        "--ignore-packages", "pip", "setuptools", silent=True,
+    )
+    session.run("pip-licenses", f"--python={runtime_python}", "--from=mixed",
+                "--ignore-packages", "pip", "setuptools")
+    failures = []
+    for package in json.loads(report):
+        problem = licence_problem(package["License"])
+        if problem:
+            failures.append(f"{package['Name']} {package['Version']}: {problem}")
+    if failures:
+        session.error("licence check failed:\n  " + "\n  ".join(failures))
+    session.log("licence check passed: no GPL/AGPL or unknown licence in the runtime")
+
+
+@nox.session
+def lock(session: nox.Session) -> None:
+    """Re-pin requirements/*.txt (with hashes) after changing pyproject.toml or a .in file."""
+    session.install("pip-tools")
+    common = ["pip-compile", "--quiet", "--generate-hashes", "--strip-extras", "--allow-unsafe",
+              "--no-emit-index-url", "--no-emit-find-links", *session.posargs]
+    session.run(*common, "-o", MAIN_LOCK, "pyproject.toml")
+    for name in ("dev", "tools", "safety"):
+        session.run(*common, "-o", str(REQ / f"{name}.txt"), str(REQ / f"{name}.in"))
