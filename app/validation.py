@@ -39,9 +39,13 @@ def _username_problem(reason: str) -> Problem:
     )
 
 
+# Names that depend on the machine rather than naming an IANA zone.
+_NOT_IANA = frozenset({"localtime", "posixrules"})
+
+
 @lru_cache(maxsize=1)
 def _known_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - _NOT_IANA
 
 
 @lru_cache(maxsize=512)

@@ -1,0 +1,95 @@
+"""Cloud Logging lines: one JSON object per request, trace correlation, no dates of birth."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from starlette.testclient import TestClient
+
+from app.logging import CloudLoggingFormatter, configure_logging, parse_trace
+from app.main import create_app
+from tests.conftest import make_settings
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def log_stream():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_one_json_line_per_request_with_http_request_and_trace(sqlite_url, clock, log_stream):
+    settings = make_settings(sqlite_url, google_cloud_project="my-proj", log_format="json")
+    configure_logging(settings, log_stream)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        client.put("/hello/ann", json={"dateOfBirth": "1987-03-14"},
+                   headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01",
+                            "user-agent": "probe/1.0"})
+        client.get("/hello/ann?tz=Asia/Tokyo",
+                   headers={"x-cloud-trace-context": f"{TRACE_ID}/1;o=0"})
+        client.get("/hello/nobody")
+    access = [line for line in lines(log_stream) if "httpRequest" in line]
+    assert len(access) == 3
+    put, get, missing = access
+    assert put["severity"] == "INFO"
+    assert put["httpRequest"]["requestMethod"] == "PUT"
+    assert put["httpRequest"]["requestUrl"] == "/hello/ann"
+    assert put["httpRequest"]["status"] == 204
+    assert put["httpRequest"]["userAgent"] == "probe/1.0"
+    assert put["httpRequest"]["latency"].endswith("s")
+    assert put["logging.googleapis.com/trace"] == f"projects/my-proj/traces/{TRACE_ID}"
+    assert put["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
+    assert put["logging.googleapis.com/trace_sampled"] is True
+    assert get["logging.googleapis.com/spanId"] == "0000000000000001"
+    assert get["logging.googleapis.com/trace_sampled"] is False
+    assert missing["severity"] == "WARNING" and missing["httpRequest"]["status"] == 404
+    assert "logging.googleapis.com/trace" not in missing
+    everything = log_stream.getvalue()
+    assert "1987" not in everything and "03-14" not in everything  # no date of birth
+
+
+def test_no_trace_without_a_project():
+    assert parse_trace(f"00-{TRACE_ID}-00f067aa0ba902b7-01", None, None) is None
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "cloud"),
+    [("00-zz-00f067aa0ba902b7-01", None), (f"00-{TRACE_ID}-0000000000000000-01", None),
+     (None, "nothex/1;o=1"), ("garbage", "also garbage"), ("00-" + "0" * 32 + "-1-01", None)],
+)
+def test_malformed_trace_headers_are_ignored(traceparent, cloud):
+    assert parse_trace(traceparent, cloud, "proj") is None
+
+
+def test_severity_maps_from_the_level_and_errors_carry_source_location():
+    formatter = CloudLoggingFormatter()
+    record = logging.LogRecord("x", logging.ERROR, "/a.py", 7, "boom %s", ("now",), None)
+    entry = json.loads(formatter.format(record))
+    assert entry["severity"] == "ERROR" and entry["message"] == "boom now"
+    assert entry["logging.googleapis.com/sourceLocation"]["line"] == 7
+
+
+def test_a_terminal_gets_plain_text(sqlite_url, log_stream):
+    stream = FakeTTY()
+    configure_logging(make_settings(sqlite_url), stream)
+    logging.getLogger("app").info("hello there")
+    assert "hello there" in stream.getvalue()
+    assert not stream.getvalue().lstrip().startswith("{")

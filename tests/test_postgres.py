@@ -1,0 +1,58 @@
+"""Behaviour only PostgreSQL can prove: atomic upserts under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+
+import sqlalchemy as sa
+
+from app.database import Database
+from tests.conftest import make_settings
+
+
+def rows(url: str) -> list[tuple]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        result = connection.execute(sa.text("SELECT username, date_of_birth FROM users")).all()
+    engine.dispose()
+    return [tuple(row) for row in result]
+
+
+def test_concurrent_upserts_for_one_name_leave_one_row(empty_postgres):
+    async def scenario():
+        database = Database(make_settings(empty_postgres, db_pool_size=20))
+        births = [date(1990, 1, 1 + i % 28) for i in range(60)]
+        try:
+            results = await asyncio.gather(
+                *(database.upsert("same", birth) for birth in births), return_exceptions=True
+            )
+        finally:
+            await database.dispose()
+        return births, results
+
+    births, results = asyncio.run(scenario())
+    assert [r for r in results if r is not None] == []
+    stored = rows(empty_postgres)
+    assert len(stored) == 1
+    assert stored[0][0] == "same" and stored[0][1] in births
+
+
+def test_upsert_updates_the_timestamp_not_the_creation_time(empty_postgres):
+    async def scenario():
+        database = Database(make_settings(empty_postgres))
+        try:
+            await database.upsert("tim", date(1990, 1, 1))
+            await asyncio.sleep(0.05)
+            await database.upsert("tim", date(1991, 1, 1))
+        finally:
+            await database.dispose()
+
+    asyncio.run(scenario())
+    engine = sa.create_engine(empty_postgres, poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        created, updated, born = connection.execute(
+            sa.text("SELECT created_at, updated_at, date_of_birth FROM users")).one()
+    engine.dispose()
+    assert updated > created
+    assert born == date(1991, 1, 1)

@@ -1,0 +1,69 @@
+"""Configuration: read once, validated, a bad value named in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from app.settings import SettingsError, load_settings
+from tests.conftest import ROOT
+
+
+def test_defaults_use_the_embedded_sqlite_file():
+    settings = load_settings({})
+    assert settings.is_sqlite
+    assert settings.database_url == "sqlite:///hello-birthday.sqlite3"
+    assert settings.async_database_url.startswith("sqlite+aiosqlite:///")
+    assert (settings.host, settings.port, settings.shutdown_drain_seconds) == ("0.0.0.0", 8080, 0)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["postgres://u:p@db:5432/app", "postgresql://u:p@db:5432/app",
+     "postgresql+psycopg://u:p@db:5432/app", "POSTGRESQL://u:p@db:5432/app"],
+)
+def test_postgres_urls_use_psycopg_3(raw):
+    settings = load_settings({"DATABASE_URL": raw})
+    assert settings.database_url == "postgresql+psycopg://u:p@db:5432/app"
+    assert settings.async_database_url == settings.database_url
+    assert not settings.is_sqlite
+
+
+def test_every_variable_is_read():
+    settings = load_settings({
+        "HOST": "127.0.0.1", "PORT": "9000", "LOG_LEVEL": "debug", "LOG_FORMAT": "JSON",
+        "DB_POOL_SIZE": "4", "DB_POOL_TIMEOUT": "1.5", "DB_STATEMENT_TIMEOUT": "3",
+        "SHUTDOWN_DRAIN_SECONDS": "5", "GOOGLE_CLOUD_PROJECT": "proj",
+    })
+    assert (settings.host, settings.port, settings.log_level, settings.log_format) == (
+        "127.0.0.1", 9000, "DEBUG", "json")
+    assert (settings.db_pool_size, settings.db_pool_timeout, settings.db_statement_timeout) == (
+        4, 1.5, 3.0)
+    assert settings.shutdown_drain_seconds == 5.0
+    assert settings.google_cloud_project == "proj"
+    assert settings.db_call_timeout == 4.5
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PORT", "eighty"), ("PORT", "0"), ("PORT", "70000"), ("DB_POOL_SIZE", "0"),
+     ("DB_POOL_TIMEOUT", "-1"), ("DB_STATEMENT_TIMEOUT", "nan"), ("SHUTDOWN_DRAIN_SECONDS", "x"),
+     ("LOG_LEVEL", "LOUD"), ("LOG_FORMAT", "xml"), ("DATABASE_URL", "mysql://db/app"),
+     ("DATABASE_URL", "not a url")],
+)
+def test_a_bad_value_is_refused_by_name(name, value):
+    with pytest.raises(SettingsError, match=name):
+        load_settings({name: value})
+
+
+def test_python_m_app_stops_with_one_line_naming_the_variable():
+    result = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PORT": "eighty", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "PORT" in lines[0] and "eighty" in lines[0]
