@@ -45,7 +45,7 @@ def serve(session: nox.Session) -> None:
     """Migrate, then serve the API on PORT (default 8080)."""
     install_locked(session, MAIN_LOCK)
     if not os.environ.get("DATABASE_URL"):
-        session.log("DATABASE_URL is not set: using the embedded SQLite file hello-birthday.sqlite3")
+        session.log("DATABASE_URL is not set: embedded SQLite file hello-birthday.sqlite3")
     session.run("alembic", "upgrade", "head")
     session.run("python", "-m", "app", *session.posargs)
 
@@ -93,7 +93,9 @@ def safety(session: nox.Session) -> None:
         session.log("safety database: ONLINE (the live database)")
     else:
         db = session.run(
-            "python", "-c", "import os, safety_db; print(os.path.dirname(safety_db.__file__))",
+            "python", "-c",
+            "import importlib.util as u, os; "
+            "print(os.path.dirname(u.find_spec('safety_db').origin))",
             silent=True,
         ).strip()
         version = session.run(

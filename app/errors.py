@@ -80,12 +80,14 @@ _HTTP_DETAILS = {
 
 
 async def handle_problem(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Problem)  # nosec B101 - registered for Problem only
+    # Registered for Problem only.
+    assert isinstance(exc, Problem)  # nosec B101
     return problem_response(exc, request.url.path)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)  # nosec B101 - registered for HTTPException only
+    # Registered for HTTPException only.
+    assert isinstance(exc, HTTPException)  # nosec B101
     slug, detail = _HTTP_DETAILS.get(exc.status_code, ("", HTTPStatus(exc.status_code).phrase))
     headers = dict(exc.headers or {})
     if "Allow" in headers:

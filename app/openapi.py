@@ -20,7 +20,9 @@ from app.validation import MAX_BODY_BYTES
 def _problem(description: str, headers: dict | None = None) -> dict:
     response = {
         "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
     }
     if headers:
         response["headers"] = headers
@@ -36,6 +38,8 @@ _RETRY_AFTER = {
 _ALLOW = {
     "Allow": {"description": "The methods this path supports.", "schema": {"type": "string"}}
 }
+
+_STATUS_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}
 
 _USERNAME = {
     "name": "username",
@@ -68,7 +72,8 @@ def build_document() -> dict:
         "info": {
             "title": "hello-birthday",
             "version": __version__,
-            "description": "Stores dates of birth and greets users with the days to their birthday.",
+            "description": "Stores dates of birth and greets people with the days to their "
+            "birthday.",
         },
         "paths": {
             "/hello/{username}": {
@@ -130,9 +135,7 @@ def build_document() -> dict:
                     "responses": {
                         "200": {
                             "description": "Alive.",
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/Status"}}
-                            },
+                            "content": _STATUS_JSON,
                         },
                         "405": _problem("Method not allowed.", _ALLOW),
                     },
@@ -141,17 +144,16 @@ def build_document() -> dict:
             "/readyz": {
                 "get": {
                     "operationId": "readiness",
-                    "summary": "Readiness: database answers and its schema is at the migration head.",
+                    "summary": "Readiness: the database answers, its schema at the migration head.",
                     "responses": {
                         "200": {
                             "description": "Ready.",
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/Status"}}
-                            },
+                            "content": _STATUS_JSON,
                         },
                         "405": _problem("Method not allowed.", _ALLOW),
                         "503": _problem(
-                            "Not ready: database down, schema behind, or shutting down.", _RETRY_AFTER
+                            "Not ready: database down, schema behind, or shutting down.",
+                            _RETRY_AFTER,
                         ),
                     },
                 }

@@ -22,7 +22,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str
-    host: str = "0.0.0.0"  # nosec B104 - a container must listen on all interfaces
+    # A container must listen on all its interfaces.
+    host: str = "0.0.0.0"  # nosec B104
     port: int = 8080
     log_level: str = "INFO"
     log_format: str = "auto"

@@ -100,7 +100,8 @@ def parse_date_of_birth(body: bytes, today: date) -> date:
         document = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         raise bad_request(
-            "invalid-json", 'The request body is not valid JSON; send {"dateOfBirth": "YYYY-MM-DD"}.'
+            "invalid-json",
+            'The request body is not valid JSON; send {"dateOfBirth": "YYYY-MM-DD"}.',
         ) from None
     if not isinstance(document, dict):
         raise bad_request(

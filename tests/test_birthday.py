@@ -20,8 +20,8 @@ def oracle_days(date_of_birth: date, today: date) -> int:
     while True:
         if (day.month, day.day) == (date_of_birth.month, date_of_birth.day):
             return steps
-        if (date_of_birth.month, date_of_birth.day) == (2, 29) and (day.month, day.day) == (
-            2, 28) and not calendar.isleap(day.year):
+        leap_day_birth = (date_of_birth.month, date_of_birth.day) == (2, 29)
+        if leap_day_birth and (day.month, day.day) == (2, 28) and not calendar.isleap(day.year):
             return steps
         day += timedelta(days=1)
         steps += 1
@@ -76,7 +76,8 @@ def test_days_until_birthday_at_frozen_dates(date_of_birth, today, days):
         (datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc), "UTC", date(2026, 12, 31)),
         (datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc), "Asia/Tokyo", date(2027, 1, 1)),
         (datetime(2027, 1, 1, 3, 0, tzinfo=timezone.utc), "America/New_York", date(2026, 12, 31)),
-        (datetime(2028, 2, 28, 20, 0, tzinfo=timezone.utc), "Pacific/Kiritimati", date(2028, 2, 29)),
+        (datetime(2028, 2, 28, 20, 0, tzinfo=timezone.utc), "Pacific/Kiritimati",
+         date(2028, 2, 29)),
         (datetime(2028, 3, 1, 5, 0, tzinfo=timezone.utc), "Pacific/Pago_Pago", date(2028, 2, 29)),
         (datetime(2027, 2, 28, 23, 0, tzinfo=timezone.utc), "Europe/Berlin", date(2027, 3, 1)),
     ],
