@@ -163,3 +163,10 @@ def lock(session: nox.Session) -> None:
     session.run(*common, "-o", MAIN_LOCK, "pyproject.toml")
     for name in ("dev", "tools", "safety"):
         session.run(*common, "-o", str(REQ / f"{name}.txt"), str(REQ / f"{name}.in"))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The service against a minimal baseline app on PostgreSQL; prints ratios."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    session.run("python", "-m", "benchmarks.run", *session.posargs)

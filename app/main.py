@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Route, Router
 
 from app import errors, health, openapi, routes
-from app.database import Database, DatabaseUnavailable
+from app.database import Database, DatabaseUnavailable, open_database
 from app.logging import AccessLogMiddleware
 from app.settings import Settings, load_settings
 
@@ -50,14 +50,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
         lifecycle.schema_heads = health.migration_heads()
-        db = database or Database(settings)
+        db = database or open_database(settings)
+        await db.open()
         logger.info(
             "serving on the %s database", "embedded SQLite" if settings.is_sqlite else "PostgreSQL"
         )
         try:
             yield {"database": db, "clock": clock, "lifecycle": lifecycle}
         finally:
-            await db.dispose()
+            await db.close()
 
     app = Starlette(
         routes=[

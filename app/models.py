@@ -7,7 +7,8 @@ from datetime import date, datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-USERNAME_MAX_LENGTH = 64
+from app.validation import USERNAME_MAX_LENGTH
+
 
 
 class User(SQLModel, table=True):

@@ -13,8 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import __version__
-from app.models import USERNAME_MAX_LENGTH
-from app.validation import MAX_BODY_BYTES
+from app.validation import MAX_BODY_BYTES, USERNAME_MAX_LENGTH
 
 
 def _problem(description: str, headers: dict | None = None) -> dict:

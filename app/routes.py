@@ -48,7 +48,9 @@ async def hello(request: Request) -> Response:
             raise _unknown_user(username)
         return Response(status_code=_NO_CONTENT)
 
-    zone = validation.parse_timezone(request.query_params.get("tz"))
+    # Most requests have no query string; skip parsing one.
+    tz = request.query_params.get("tz") if request.scope["query_string"] else None
+    zone = validation.parse_timezone(tz)
     today = validation.today_in(zone, request.state.clock())
     if method == "PUT":
         validation.check_content_type(request.headers.get("content-type"))

@@ -38,16 +38,14 @@ class Settings:
         return self.database_url.startswith("sqlite")
 
     @property
-    def async_database_url(self) -> str:
-        """The SQLAlchemy URL the service uses (psycopg async or aiosqlite)."""
-        if self.is_sqlite:
-            return self.database_url.replace("sqlite://", "sqlite+aiosqlite://", 1)
-        return self.database_url
+    def libpq_url(self) -> str:
+        """The PostgreSQL URL in the form psycopg's pool takes."""
+        return "postgresql://" + self.database_url.split("://", 1)[1]
 
     @property
-    def sync_database_url(self) -> str:
-        """The SQLAlchemy URL alembic uses (psycopg or the stdlib sqlite3)."""
-        return self.database_url
+    def sqlite_path(self) -> str:
+        """The file of the embedded database (sqlite:///relative or sqlite:////absolute)."""
+        return self.database_url.split(":///", 1)[1]
 
     @property
     def db_call_timeout(self) -> float:
@@ -60,7 +58,10 @@ class Settings:
 
 
 def normalise_database_url(raw: str) -> str:
-    """Map the URL forms people paste to a SQLAlchemy URL that uses psycopg 3."""
+    """Map the URL forms people paste to one SQLAlchemy URL that uses psycopg 3.
+
+    alembic uses it as is; the service derives psycopg's form (libpq_url).
+    """
     url = raw.strip()
     scheme, sep, rest = url.partition("://")
     if not sep or not rest:
@@ -68,7 +69,12 @@ def normalise_database_url(raw: str) -> str:
     scheme = scheme.lower()
     if scheme in ("postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg_async"):
         return "postgresql+psycopg://" + rest
-    if scheme in ("sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"):
+    if scheme in ("sqlite", "sqlite+pysqlite"):
+        if not rest.startswith("/") or len(rest) < 2:
+            raise SettingsError(
+                f"DATABASE_URL for SQLite must be sqlite:///relative/path or "
+                f"sqlite:////absolute/path, got {raw!r}"
+            )
         return "sqlite://" + rest
     raise SettingsError(
         f"DATABASE_URL scheme {scheme!r} is not supported; use postgresql:// (or sqlite:// for "

@@ -10,9 +10,9 @@ from datetime import date, datetime, timezone, tzinfo
 from functools import lru_cache
 
 from app.errors import Problem, bad_request, unprocessable
-from app.models import USERNAME_MAX_LENGTH
 
 MAX_BODY_BYTES = 1024
+USERNAME_MAX_LENGTH = 64
 _DATE_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 

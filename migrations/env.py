@@ -24,7 +24,7 @@ target_metadata = SQLModel.metadata
 
 
 def database_url() -> str:
-    return config.attributes.get("database_url") or load_settings().sync_database_url
+    return config.attributes.get("database_url") or load_settings().database_url
 
 
 def run_migrations_offline() -> None:

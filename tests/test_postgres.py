@@ -7,7 +7,7 @@ from datetime import date
 
 import sqlalchemy as sa
 
-from app.database import Database
+from app.database import open_database
 from tests.conftest import make_settings
 
 
@@ -21,14 +21,15 @@ def rows(url: str) -> list[tuple]:
 
 def test_concurrent_upserts_for_one_name_leave_one_row(empty_postgres):
     async def scenario():
-        database = Database(make_settings(empty_postgres, db_pool_size=20))
+        database = open_database(make_settings(empty_postgres, db_pool_size=20))
+        await database.open()
         births = [date(1990, 1, 1 + i % 28) for i in range(60)]
         try:
             results = await asyncio.gather(
                 *(database.upsert("same", birth) for birth in births), return_exceptions=True
             )
         finally:
-            await database.dispose()
+            await database.close()
         return births, results
 
     births, results = asyncio.run(scenario())
@@ -40,13 +41,14 @@ def test_concurrent_upserts_for_one_name_leave_one_row(empty_postgres):
 
 def test_upsert_updates_the_timestamp_not_the_creation_time(empty_postgres):
     async def scenario():
-        database = Database(make_settings(empty_postgres))
+        database = open_database(make_settings(empty_postgres))
+        await database.open()
         try:
             await database.upsert("tim", date(1990, 1, 1))
             await asyncio.sleep(0.05)
             await database.upsert("tim", date(1991, 1, 1))
         finally:
-            await database.dispose()
+            await database.close()
 
     asyncio.run(scenario())
     engine = sa.create_engine(empty_postgres, poolclass=sa.pool.NullPool)

@@ -15,7 +15,7 @@ def test_defaults_use_the_embedded_sqlite_file():
     settings = load_settings({})
     assert settings.is_sqlite
     assert settings.database_url == "sqlite:///hello-birthday.sqlite3"
-    assert settings.async_database_url.startswith("sqlite+aiosqlite:///")
+    assert settings.sqlite_path == "hello-birthday.sqlite3"
     assert (settings.host, settings.port, settings.shutdown_drain_seconds) == ("0.0.0.0", 8080, 0)
 
 
@@ -27,7 +27,7 @@ def test_defaults_use_the_embedded_sqlite_file():
 def test_postgres_urls_use_psycopg_3(raw):
     settings = load_settings({"DATABASE_URL": raw})
     assert settings.database_url == "postgresql+psycopg://u:p@db:5432/app"
-    assert settings.async_database_url == settings.database_url
+    assert settings.libpq_url == "postgresql://u:p@db:5432/app"
     assert not settings.is_sqlite
 
 
@@ -51,7 +51,7 @@ def test_every_variable_is_read():
     [("PORT", "eighty"), ("PORT", "0"), ("PORT", "70000"), ("DB_POOL_SIZE", "0"),
      ("DB_POOL_TIMEOUT", "-1"), ("DB_STATEMENT_TIMEOUT", "nan"), ("SHUTDOWN_DRAIN_SECONDS", "x"),
      ("LOG_LEVEL", "LOUD"), ("LOG_FORMAT", "xml"), ("DATABASE_URL", "mysql://db/app"),
-     ("DATABASE_URL", "not a url")],
+     ("DATABASE_URL", "not a url"), ("DATABASE_URL", "sqlite://relative.db")],
 )
 def test_a_bad_value_is_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):

@@ -1,0 +1,309 @@
+"""`nox -s bench`: the service against its baseline, side by side, in one run.
+
+Both run on PostgreSQL with one uvicorn worker and the same pool size. The
+load generator (wrk when installed, else an async client) drives them in
+alternation, several rounds, and the medians are compared:
+
+  throughput  app req/s >= 0.75 x baseline's, for GET and for PUT
+  latency     app p99 <= 1.5 x baseline's
+  cold start  exec -> first 200 from /readyz <= 1.5 x baseline's
+  memory      RSS after 2000 requests <= 1.5 x baseline's
+
+Exit status 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = 3000
+TARGETS = {"throughput": 0.75, "p99": 1.5, "cold_start": 1.5, "rss": 1.5}
+
+LUA_NAME = """
+local function name(i)
+  local s = "u"
+  while i > 0 do s = s .. string.char(97 + i % 26); i = math.floor(i / 26) end
+  return s
+end
+"""
+LUA_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests":%d,"duration_us":%d,"errors":%d,"bad_status":%d,"p50_us":%d,"p99_us":%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+LUA = {
+    "GET": LUA_NAME + f"""
+request = function()
+  return wrk.format("GET", "/hello/" .. name(math.random(1, {NAMES})))
+end
+""" + LUA_DONE,
+    "PUT": LUA_NAME + f"""
+request = function()
+  local body = string.format('{{"dateOfBirth":"19%02d-%02d-%02d"}}',
+    math.random(0, 99), math.random(1, 12), math.random(1, 28))
+  return wrk.format("PUT", "/hello/" .. name(math.random(1, {NAMES})),
+    {{["Content-Type"] = "application/json"}}, body)
+end
+""" + LUA_DONE,
+}
+
+
+def letters_name(i: int) -> str:
+    s = "u"
+    while i > 0:
+        s += chr(97 + i % 26)
+        i //= 26
+    return s
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_database(server_url: str) -> str:
+    url = make_url(server_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as connection:
+        connection.execute(sa.text('DROP DATABASE IF EXISTS "hello_birthday_bench" WITH (FORCE)'))
+        connection.execute(sa.text('CREATE DATABASE "hello_birthday_bench"'))
+    admin.dispose()
+    bench_url = url.set(database="hello_birthday_bench").render_as_string(hide_password=False)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = bench_url
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+    engine = sa.create_engine(bench_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO users (username, date_of_birth) VALUES (:u, :d)"),
+            [{"u": letters_name(i), "d": f"19{i % 100:02d}-{1 + i % 12:02d}-{1 + i % 28:02d}"}
+             for i in range(1, NAMES + 1)],
+        )
+    engine.dispose()
+    return bench_url
+
+
+class Server:
+    def __init__(self, label: str, module: str, database_url: str, pool_size: int) -> None:
+        self.label = label
+        self.module = module
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(self.port),
+                    "HOST": "127.0.0.1", "DB_POOL_SIZE": str(pool_size), "LOG_FORMAT": "json"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Start the process; return seconds from exec to the first 200 from /readyz."""
+        started = time.perf_counter()
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT,
+                                        env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        with httpx.Client(timeout=1) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.label} exited during start-up")
+                try:
+                    if client.get(self.url + "/readyz").status_code == 200:
+                        return time.perf_counter() - started
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.005)
+
+    def rss_mib(self) -> float:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wrk_run(url: str, method: str, seconds: int, connections: int, script_dir: Path) -> dict:
+    script = script_dir / f"{method}.lua"
+    script.write_text(LUA[method])
+    output = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    return {
+        "rps": result["requests"] / (result["duration_us"] / 1e6),
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "errors": result["errors"] + result["bad_status"],
+    }
+
+
+async def _client_run(url: str, method: str, seconds: int, connections: int) -> dict:
+    import random
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            name = letters_name(random.randint(1, NAMES))  # nosec B311 - load, not security
+            began = time.perf_counter()
+            if method == "GET":
+                response = await client.get(f"/hello/{name}")
+            else:
+                body = json.dumps({"dateOfBirth": f"19{random.randint(0, 99):02d}-01-01"})
+                response = await client.put(f"/hello/{name}", content=body,
+                                            headers={"Content-Type": "application/json"})
+            latencies.append(time.perf_counter() - began)
+            errors += response.status_code >= 400
+
+    began = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        await asyncio.gather(*(worker(client) for _ in range(connections)))
+    elapsed = time.perf_counter() - began
+    quantiles = statistics.quantiles(latencies, n=100)
+    return {"rps": len(latencies) / elapsed, "p50_ms": quantiles[49] * 1000,
+            "p99_ms": quantiles[98] * 1000, "errors": errors}
+
+
+def load(url: str, method: str, seconds: int, connections: int, script_dir: Path) -> dict:
+    if shutil.which("wrk"):
+        return wrk_run(url, method, seconds, connections, script_dir)
+    return asyncio.run(_client_run(url, method, seconds, connections))
+
+
+def warm(url: str, requests: int) -> None:
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for i in range(requests):
+            client.get(f"/hello/{letters_name(1 + i % NAMES)}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", default=os.environ.get(
+        "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--pool-size", type=int, default=10)
+    args = parser.parse_args()
+
+    generator = "wrk" if shutil.which("wrk") else "httpx2 async client (install wrk for less noise)"
+    print(f"load generator: {generator}; {os.cpu_count()} CPUs; {args.rounds} rounds x "
+          f"{args.seconds}s x {args.connections} connections; pool {args.pool_size}")
+    database_url = prepare_database(args.database_url)
+    servers = [Server("app", "app", database_url, args.pool_size),
+               Server("baseline", "benchmarks.baseline", database_url, args.pool_size)]
+
+    # Cold start and memory: fresh processes, alternating which goes first.
+    starts: dict[str, list[float]] = {s.label: [] for s in servers}
+    rss: dict[str, list[float]] = {s.label: [] for s in servers}
+    for attempt in range(args.starts):
+        for server in servers if attempt % 2 == 0 else servers[::-1]:
+            try:
+                starts[server.label].append(server.start())
+                if attempt < 2:
+                    warm(server.url, 2000)
+                    rss[server.label].append(server.rss_mib())
+            finally:
+                server.stop()
+
+    # Throughput and latency: both up, driven in alternation.
+    results: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        script_dir = Path(scratch)
+        try:
+            for server in servers:
+                server.start()
+                load(server.url, "GET", 2, args.connections, script_dir)  # warm-up
+            for round_number in range(args.rounds):
+                for method in ("GET", "PUT"):
+                    order = servers if round_number % 2 == 0 else servers[::-1]
+                    for server in order:
+                        result = load(server.url, method, args.seconds, args.connections,
+                                      script_dir)
+                        results.setdefault((server.label, method), []).append(result)
+                        print(f"  round {round_number + 1} {method:3} {server.label:8} "
+                              f"{result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
+                              f"p99 {result['p99_ms']:6.2f} ms  errors {result['errors']}")
+        finally:
+            for server in servers:
+                server.stop()
+
+    failures = []
+
+    def verdict(name: str, ratio: float, ok: bool) -> str:
+        if not ok:
+            failures.append(name)
+        return f"{ratio:5.2f}  {'ok' if ok else 'MISSED'}"
+
+    print("\nmedians                     app    baseline   ratio  target")
+    for method in ("GET", "PUT"):
+        app_runs, base_runs = results[("app", method)], results[("baseline", method)]
+        app_rps, base_rps = median([r["rps"] for r in app_runs]), median([r["rps"] for r in base_runs])
+        app_p99 = median([r["p99_ms"] for r in app_runs])
+        base_p99 = median([r["p99_ms"] for r in base_runs])
+        app_p50 = median([r["p50_ms"] for r in app_runs])
+        base_p50 = median([r["p50_ms"] for r in base_runs])
+        errors = sum(r["errors"] for r in app_runs + base_runs)
+        if errors:
+            failures.append(f"{method} errors")
+        spread = (max(r["rps"] for r in app_runs) - min(r["rps"] for r in app_runs)) / app_rps
+        print(f"{method} req/s            {app_rps:9.0f} {base_rps:9.0f}   "
+              f"{verdict(method + ' throughput', app_rps / base_rps, app_rps >= 0.75 * base_rps)}"
+              f"  >= 0.75  (app spread across rounds {spread:.0%})")
+        print(f"{method} p50 ms           {app_p50:9.2f} {base_p50:9.2f}   {app_p50 / base_p50:5.2f}")
+        print(f"{method} p99 ms           {app_p99:9.2f} {base_p99:9.2f}   "
+              f"{verdict(method + ' p99', app_p99 / base_p99, app_p99 <= 1.5 * base_p99)}  <= 1.5")
+    app_start, base_start = median(starts["app"]), median(starts["baseline"])
+    print(f"cold start ms          {app_start * 1000:9.0f} {base_start * 1000:9.0f}   "
+          f"{verdict('cold start', app_start / base_start, app_start <= 1.5 * base_start)}  <= 1.5")
+    app_rss, base_rss = median(rss["app"]), median(rss["baseline"])
+    print(f"RSS after 2000 req MiB {app_rss:9.1f} {base_rss:9.1f}   "
+          f"{verdict('rss', app_rss / base_rss, app_rss <= 1.5 * base_rss)}  <= 1.5")
+    if failures:
+        print(f"\nMISSED: {', '.join(failures)}")
+        return 1
+    print("\nall targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
