@@ -10,7 +10,6 @@ from sqlmodel import Field, SQLModel
 from app.validation import USERNAME_MAX_LENGTH
 
 
-
 class User(SQLModel, table=True):
     __tablename__ = "users"
 

@@ -48,7 +48,8 @@ LUA_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    'RESULT {"requests":%d,"duration_us":%d,"errors":%d,"bad_status":%d,"p50_us":%d,"p99_us":%d}\\n',
+    'RESULT {"requests":%d,"duration_us":%d,"errors":%d,"bad_status":%d,' ..
+    '"p50_us":%d,"p99_us":%d}\\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
     latency:percentile(50), latency:percentile(99)))
 end
@@ -277,7 +278,8 @@ def main() -> int:
     print("\nmedians                     app    baseline   ratio  target")
     for method in ("GET", "PUT"):
         app_runs, base_runs = results[("app", method)], results[("baseline", method)]
-        app_rps, base_rps = median([r["rps"] for r in app_runs]), median([r["rps"] for r in base_runs])
+        app_rps = median([r["rps"] for r in app_runs])
+        base_rps = median([r["rps"] for r in base_runs])
         app_p99 = median([r["p99_ms"] for r in app_runs])
         base_p99 = median([r["p99_ms"] for r in base_runs])
         app_p50 = median([r["p50_ms"] for r in app_runs])
@@ -289,7 +291,8 @@ def main() -> int:
         print(f"{method} req/s            {app_rps:9.0f} {base_rps:9.0f}   "
               f"{verdict(method + ' throughput', app_rps / base_rps, app_rps >= 0.75 * base_rps)}"
               f"  >= 0.75  (app spread across rounds {spread:.0%})")
-        print(f"{method} p50 ms           {app_p50:9.2f} {base_p50:9.2f}   {app_p50 / base_p50:5.2f}")
+        print(f"{method} p50 ms           {app_p50:9.2f} {base_p50:9.2f}   "
+              f"{app_p50 / base_p50:5.2f}")
         print(f"{method} p99 ms           {app_p99:9.2f} {base_p99:9.2f}   "
               f"{verdict(method + ' p99', app_p99 / base_p99, app_p99 <= 1.5 * base_p99)}  <= 1.5")
     app_start, base_start = median(starts["app"]), median(starts["baseline"])
