@@ -70,7 +70,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """flake8 over everything that is Python."""
     install_locked(session, TOOLS_LOCK)
-    session.run("flake8", *(session.posargs or ["app", "migrations", "tests", "benchmarks", "noxfile.py"]))
+    paths = ["app", "migrations", "tests", "benchmarks", "noxfile.py"]
+    session.run("flake8", *(session.posargs or paths))
 
 
 @nox.session

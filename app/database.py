@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sqlite3
 import time
 from datetime import date
@@ -51,6 +52,25 @@ PG_DELETE = "DELETE FROM users WHERE username = %s"
 SCHEMA_REVISION = "SELECT version_num FROM alembic_version"
 
 
+def _sever(connection) -> None:
+    """Shut the connection's socket down so that whatever waits on it fails now.
+
+    The deadline on a query is enforced this way rather than by cancelling the
+    awaiting task: on cancellation psycopg sends a cancel request and waits for
+    the server, up to 10 s more, which on a dead network path is a hang.
+    """
+    try:
+        sock = socket.fromfd(connection.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM)
+    except Exception:  # already closed: nothing left to sever
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()  # the duplicate only; the connection's own fd stays with libpq
+
+
 class PostgresDatabase:
     def __init__(self, settings: Settings) -> None:
         import psycopg
@@ -64,15 +84,15 @@ class PostgresDatabase:
             TimeoutError,
             OSError,
         )
-        self.timeout = settings.db_call_timeout
-        self._check_connection = AsyncConnectionPool.check_connection
+        self.pool_timeout = settings.db_pool_timeout
+        self.pool_size = settings.db_pool_size
+        self.statement_timeout = settings.db_statement_timeout
         self.pool = AsyncConnectionPool(
             settings.libpq_url,
             min_size=settings.db_pool_size,
             max_size=settings.db_pool_size,
             open=False,
             timeout=settings.db_pool_timeout,
-            check=self._check_if_idle,
             max_lifetime=1800,
             # Keep trying to reconnect for as long as the database is away.
             reconnect_timeout=365 * 24 * 3600,
@@ -89,12 +109,33 @@ class PostgresDatabase:
     # round trip on every request (HikariCP's aliveBypassWindowMs, same idea).
     CHECK_AFTER_IDLE_SECONDS = 1.0
 
-    async def _check_if_idle(self, connection) -> None:
-        """Stale connections (a database restart, a dropped TCP path) are found
-        at checkout and replaced, never handed to a request."""
-        last_used = getattr(connection, "info_last_used", 0.0)
-        if time.monotonic() - last_used > self.CHECK_AFTER_IDLE_SECONDS:
-            await self._check_connection(connection)
+    async def _checked_connection(self):
+        """A pooled connection that is known to work.
+
+        Stale connections (a database restart, a dropped TCP path) are found
+        here and replaced, never handed to a request. Done here rather than
+        with the pool's ``check`` hook, which backs off a second after each
+        failed check and so turned one restart into a PoolTimeout.
+        """
+        deadline = time.monotonic() + self.pool_timeout
+        for _ in range(self.pool_size + 1):
+            connection = await self.pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+            last_used = getattr(connection, "info_last_used", 0.0)
+            if time.monotonic() - last_used <= self.CHECK_AFTER_IDLE_SECONDS:
+                return connection
+            watchdog = asyncio.get_running_loop().call_later(
+                max(0.001, deadline - time.monotonic()), _sever, connection
+            )
+            try:
+                await connection.execute("")
+            except Exception:
+                await connection.close()
+                await self.pool.putconn(connection)  # dropped; the pool opens a new one
+                continue
+            finally:
+                watchdog.cancel()
+            return connection
+        raise TimeoutError("no working database connection")
 
     async def open(self) -> None:
         # Do not wait: a database that is down at start-up shows in /readyz.
@@ -105,17 +146,31 @@ class PostgresDatabase:
 
     async def _execute(self, query: str, params: tuple, fetch: bool):
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self.pool.connection() as connection:
-                    cursor = await connection.execute(query, params, prepare=True)
-                    result = await cursor.fetchall() if fetch else cursor.rowcount
-                    # Marked here, not in a pool reset hook: a hook sends every
-                    # return through the pool's worker task, a measurable cost.
-                    connection.info_last_used = time.monotonic()
-                    return result
+            connection = await self._checked_connection()
         except self._unavailable_errors as error:
-            logger.warning("database unavailable: %s", type(error).__name__)
+            logger.warning("no database connection: %s", type(error).__name__)
             raise DatabaseUnavailable from error
+        watchdog = asyncio.get_running_loop().call_later(
+            self.statement_timeout, _sever, connection
+        )
+        try:
+            cursor = await connection.execute(query, params, prepare=True)
+            result = await cursor.fetchall() if fetch else cursor.rowcount
+        except BaseException as error:
+            # Whatever state it is in, this connection is not reused.
+            await connection.close()
+            await self.pool.putconn(connection)
+            if isinstance(error, self._unavailable_errors):
+                logger.warning("database unavailable: %s", type(error).__name__)
+                raise DatabaseUnavailable from error
+            raise
+        finally:
+            watchdog.cancel()
+        # Marked here, not in a pool reset hook: a hook sends every return
+        # through the pool's worker task, a measurable cost.
+        connection.info_last_used = time.monotonic()
+        await self.pool.putconn(connection)
+        return result
 
     async def upsert(self, username: str, date_of_birth: date) -> None:
         await self._execute(PG_UPSERT, (username, date_of_birth), fetch=False)

@@ -56,7 +56,12 @@ def create_app(
             "serving on the %s database", "embedded SQLite" if settings.is_sqlite else "PostgreSQL"
         )
         try:
-            yield {"database": db, "clock": clock, "lifecycle": lifecycle}
+            yield {
+                "database": db,
+                "clock": clock,
+                "lifecycle": lifecycle,
+                "body_read_timeout": settings.body_read_timeout,
+            }
         finally:
             await db.close()
 

@@ -92,6 +92,7 @@ def build_document() -> dict:
                     "responses": {
                         "204": {"description": "Saved."},
                         **_COMMON_ERRORS,
+                        "408": _problem("The body did not arrive within BODY_READ_TIMEOUT."),
                         "413": _problem(f"Body larger than {MAX_BODY_BYTES} bytes."),
                         "415": _problem("Content-Type is not application/json."),
                         "422": _problem(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.requests import Request
@@ -21,8 +22,9 @@ def _json(payload: dict) -> Response:
     )
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed the limit."""
+async def _read_body(request: Request, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit,
+    and with 408 when the client takes longer than ``timeout`` to send it."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -31,11 +33,17 @@ async def _read_body(request: Request) -> bytes:
             raise validation.body_too_large()
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > validation.MAX_BODY_BYTES:
-            raise validation.body_too_large()
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > validation.MAX_BODY_BYTES:
+                    raise validation.body_too_large()
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Problem(
+            408, "body-timeout", f"The request body did not arrive within {timeout:g} seconds."
+        ) from None
     return b"".join(chunks)
 
 
@@ -54,7 +62,7 @@ async def hello(request: Request) -> Response:
     today = validation.today_in(zone, request.state.clock())
     if method == "PUT":
         validation.check_content_type(request.headers.get("content-type"))
-        body = await _read_body(request)
+        body = await _read_body(request, request.state.body_read_timeout)
         date_of_birth = validation.parse_date_of_birth(body, today)
         await database.upsert(username, date_of_birth)
         return Response(status_code=_NO_CONTENT)

@@ -31,6 +31,7 @@ class Settings:
     db_pool_timeout: float = 2.0
     db_statement_timeout: float = 5.0
     shutdown_drain_seconds: float = 0.0
+    body_read_timeout: float = 5.0
     google_cloud_project: str | None = None
 
     @property
@@ -124,5 +125,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         db_pool_timeout=_number(env, "DB_POOL_TIMEOUT", 2.0, float, 0.1, 300),
         db_statement_timeout=_number(env, "DB_STATEMENT_TIMEOUT", 5.0, float, 0.1, 3600),
         shutdown_drain_seconds=_number(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, float, 0, 3600),
+        body_read_timeout=_number(env, "BODY_READ_TIMEOUT", 5.0, float, 0.1, 300),
         google_cloud_project=env.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
     )

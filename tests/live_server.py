@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx2 as httpx
@@ -33,17 +34,31 @@ class LiveServer:
             **env,
         }
         self.process: subprocess.Popen | None = None
-        self.output = ""
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def _read_output(self) -> None:
+        # Drained continuously: a full pipe would block the server's log writes.
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.append(line)
 
     def start(self, timeout: float = 30) -> "LiveServer":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app"], cwd=ROOT, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.communicate()[0]}")
+                self._reader.join(timeout=5)
+                raise RuntimeError(f"server exited: {self.output}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return self
@@ -58,14 +73,19 @@ class LiveServer:
         self.process.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float = 30) -> int:
-        assert self.process is not None
-        self.output += self.process.communicate(timeout=timeout)[0]
-        return self.process.returncode
+        assert self.process is not None and self._reader is not None
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.wait()
+            self.terminate()  # graceful, so coverage of the child is saved
+            try:
+                self.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.wait()
 
     def __enter__(self) -> "LiveServer":
         return self.start()
