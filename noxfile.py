@@ -26,7 +26,7 @@ SAFETY_LOCK = str(REQ / "safety.txt")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
-GATES = ["tests", "lint", "bandit", "safety", "licenses"]
+GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -171,3 +171,11 @@ def bench(session: nox.Session) -> None:
     """The service against a minimal baseline app on PostgreSQL; prints ratios."""
     install_locked(session, MAIN_LOCK, DEV_LOCK)
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """schemathesis against python -m app on PostgreSQL, driven by /openapi.json."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK, str(REQ / "fuzz.txt"))
+    env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
+    session.run("python", "-m", "tests.fuzz", *session.posargs, env=env)

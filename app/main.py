@@ -67,7 +67,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/hello/{username:path}", routes.hello, methods=["GET", "PUT", "DELETE"]),
+            Route("/hello/{username:anytext}", routes.hello, methods=["GET", "PUT", "DELETE"]),
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -13,6 +14,22 @@ from app.birthday import greeting
 from app.errors import Problem
 
 _NO_CONTENT = 204
+
+
+class AnyTextConvertor(Convertor[str]):
+    """The rest of the path, newlines included (the stock ``path`` convertor
+    stops at a decoded %0A, which turned a bad username into a 404)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", AnyTextConvertor())
 
 
 def _json(payload: dict) -> Response:
