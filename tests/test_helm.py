@@ -64,7 +64,8 @@ def production() -> list[dict]:
 
 def app_container(docs) -> dict:
     deployment = find(docs, "Deployment")
-    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "app")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "app")
 
 
 def test_rolling_update_never_drops_below_the_wanted_pods(docs):
@@ -208,7 +209,8 @@ def test_helm_test_checks_readyz_through_the_service(docs):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     service = find(docs, "Service")
     url = pod["spec"]["containers"][0]["args"][-1]
-    assert url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/readyz"
+    port = service["spec"]["ports"][0]["port"]
+    assert url == f"http://{service['metadata']['name']}:{port}/readyz"
 
 
 def test_service_account_carries_workload_identity(production):
