@@ -26,7 +26,7 @@ SAFETY_LOCK = str(REQ / "safety.txt")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
-GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm"]
+GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "container", "ci-config"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -243,3 +243,12 @@ def helm(session: nox.Session) -> None:
         session.run("kubernetes-validate", "--strict", "-k", "1.31.0", str(target))
     session.run("pytest", "-p", "no:cacheprovider", "tests/test_helm.py", *session.posargs,
                 env={"HELM": helm_bin})
+
+
+@nox.session
+def container(session: nox.Session) -> None:
+    """hadolint, then build the image with buildah and run it against PostgreSQL."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
+    session.run("hadolint", "Dockerfile")
+    env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
+    session.run("python", "-m", "tests.container_smoke", *session.posargs, env=env)

@@ -1,0 +1,167 @@
+"""`nox -s container`: build the image with buildah and run it against PostgreSQL.
+
+Registries other than PyPI and Debian's cannot be reached from the build
+machines, so when the base image named in the Dockerfile cannot be pulled, a
+Debian bookworm root filesystem made with debootstrap (python3, python3-venv)
+is imported under that name and the build runs with --pull-never. It says so
+loudly. CircleCI builds the real thing with docker and the real base.
+
+Checks: the migration command, then the server: /readyz 200, a PUT/GET round
+trip, the process is not root, the root filesystem is read-only (only /tmp is
+writable), and SIGTERM stops it with exit code 0. Prints the image size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+
+from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
+from tests.live_server import free_port
+
+IMAGE = "localhost/hello-birthday:smoke"
+STORAGE = ["--storage-driver", "vfs"]
+PODMAN = ["podman", *STORAGE, "--runtime", "runc"]
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def run(*args: str, check: bool = True, capture: bool = False, **kwargs):
+    print("+", " ".join(args), flush=True)
+    return subprocess.run(args, check=check, text=True,
+                          capture_output=capture, **kwargs)
+
+
+def base_image() -> str:
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert match, "the Dockerfile names its base in ARG PYTHON_IMAGE"
+    return match.group(1)
+
+
+def ensure_engine() -> None:
+    missing = [tool for tool in ("podman", "buildah") if not shutil.which(tool)]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        run("apt-get", "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap",
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        missing = [tool for tool in ("podman", "buildah") if not shutil.which(tool)]
+    if missing:
+        sys.exit(f"container: FAILED: no container engine ({', '.join(missing)} missing) and "
+                 "none could be installed; this check cannot pass without one")
+
+
+STAND_IN_LABEL = "hello-birthday.stand-in=debootstrap-bookworm"
+
+
+def ensure_base(name: str) -> bool:
+    """Make the base image available; True when it is the debootstrap stand-in."""
+    inspected = run(*PODMAN, "image", "inspect", "--format", "{{json .Labels}}", name,
+                    check=False, capture=True)
+    if inspected.returncode == 0:
+        return "hello-birthday.stand-in" in inspected.stdout
+    pulled = run(*PODMAN, "pull", "--quiet", name, check=False, capture=True)
+    if pulled.returncode == 0:
+        return False
+    print(f"\n*** {name} cannot be pulled here: building a STAND-IN base from Debian "
+          "bookworm (debootstrap, python3, python3-venv). The real base is built on "
+          "CircleCI. ***\n", flush=True)
+    rootfs = ROOT / ".tools" / "rootfs-bookworm"
+    if not (rootfs / "usr" / "bin" / "python3").exists():
+        shutil.rmtree(rootfs, ignore_errors=True)
+        rootfs.parent.mkdir(exist_ok=True)
+        run("debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm",
+            str(rootfs), "http://deb.debian.org/debian")
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    run(*PODMAN, "import", "--change", "CMD [\"/bin/bash\"]", "--change",
+        f"LABEL {STAND_IN_LABEL}", "-", name, stdin=tar.stdout)
+    tar.wait()
+    return True
+
+
+def build(base: str) -> None:
+    revision = run("git", "rev-parse", "HEAD", capture=True, check=False).stdout.strip()
+    run("buildah", *STORAGE, "bud", "--isolation", "chroot", "--pull-never", "--layers",
+        "--network", "host", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
+        "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", "VERSION=smoke",
+        "--build-arg", f"REVISION={revision or 'unknown'}", "-t", IMAGE, str(ROOT))
+
+
+def container_run(*args: str, **kwargs):
+    return run(*PODMAN, "run", "--network", "host", "--read-only", "--tmpfs", "/tmp",
+               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", *args, **kwargs)
+
+
+def main() -> int:
+    ensure_engine()
+    base = base_image()
+    stand_in = ensure_base(base)
+    if stand_in:
+        print(f"*** building on the STAND-IN for {base} (debootstrap bookworm) ***", flush=True)
+    build(base)
+    size = int(run(*PODMAN, "image", "inspect", "--format", "{{.Size}}", IMAGE,
+                   capture=True).stdout.strip())
+    labels = json.loads(run(*PODMAN, "image", "inspect", "--format", "{{json .Labels}}", IMAGE,
+                            capture=True).stdout)
+    assert labels["org.opencontainers.image.version"] == "smoke", labels
+    assert labels["org.opencontainers.image.revision"], labels
+
+    from app.settings import normalise_database_url
+
+    server = PostgresServer(normalise_database_url(
+        os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)))
+    database_url = server.create_database().replace("postgresql+psycopg://", "postgresql://")
+    name = f"hello-birthday-smoke-{os.getpid()}"
+    port = free_port()
+    try:
+        container_run("--rm", "-e", f"DATABASE_URL={database_url}", IMAGE,
+                      "alembic", "upgrade", "head")
+        container_run("-d", "--name", name, "-e", f"DATABASE_URL={database_url}",
+                      "-e", f"PORT={port}", "-e", "HOST=127.0.0.1",
+                      "-e", "SHUTDOWN_DRAIN_SECONDS=1", IMAGE)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                run(*PODMAN, "logs", name, check=False)
+                raise AssertionError("the container never became ready")
+            time.sleep(0.5)
+        put = httpx.put(url + "/hello/Container", json={"dateOfBirth": "1990-01-01"})
+        assert put.status_code == 204, put.text
+        greeting = httpx.get(url + "/hello/Container").json()["message"]
+        assert greeting.startswith("Hello, Container!"), greeting
+
+        uid = run(*PODMAN, "exec", name, "python", "-c", "import os; print(os.getuid())",
+                  capture=True).stdout.strip()
+        assert uid == "10001", f"runs as uid {uid}"
+        denied = run(*PODMAN, "exec", name, "python", "-c", "open('/srv/x', 'w')",
+                     check=False, capture=True)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+        run(*PODMAN, "exec", name, "python", "-c", "open('/tmp/x', 'w').write('ok')")
+
+        run(*PODMAN, "stop", "--time", "20", name)  # SIGTERM, SIGKILL only after 20 s
+        state = json.loads(run(*PODMAN, "inspect", "--format", "{{json .State}}", name,
+                               capture=True).stdout)
+        logs = run(*PODMAN, "logs", name, capture=True).stdout
+        assert state["ExitCode"] == 0, state
+        assert "Finished server process" in logs
+    finally:
+        run(*PODMAN, "rm", "--force", name, check=False, capture=True)
+        server.drop_all()
+    print(f"\ncontainer: OK; image {IMAGE} is {size / 1e6:.0f} MB on base {base}"
+          f"{' (the debootstrap STAND-IN, not the real base)' if stand_in else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
