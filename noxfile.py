@@ -252,3 +252,43 @@ def container(session: nox.Session) -> None:
     session.run("hadolint", "Dockerfile")
     env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
     session.run("python", "-m", "tests.container_smoke", *session.posargs, env=env)
+
+
+@nox.session(name="ci-config")
+def ci_config(session: nox.Session) -> None:
+    """The CircleCI config: CircleCI's schema, and its agreement with this noxfile."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
+    session.run("check-jsonschema", "--builtin-schema", "vendor.circle-ci",
+                ".circleci/config.yml")
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_circleci.py", *session.posargs)
+
+
+@nox.session(name="deploy-cloudrun")
+def deploy_cloudrun(session: nox.Session) -> None:
+    """cloudrun/deploy.sh: backup, migrate, tagged no-traffic revision, smoke test, shift.
+
+    Needs gcloud, credentials and the variables the script lists (README, Cloud Run).
+    """
+    session.run("bash", "cloudrun/deploy.sh", *session.posargs, external=True)
+
+
+@nox.session(name="deploy-gke")
+def deploy_gke(session: nox.Session) -> None:
+    """helm upgrade --install --atomic --wait with the image digest in IMAGE (repo@sha256:...).
+
+    Needs kubectl credentials for the cluster; HELM_RELEASE, HELM_NAMESPACE and
+    HELM_VALUES (default helm/values/production.yaml) choose the release.
+    """
+    image = os.environ.get("IMAGE", "")
+    if "@sha256:" not in image:
+        session.error("IMAGE must be an immutable reference: <repository>@sha256:<digest>")
+    repository, digest = image.split("@", 1)
+    helm_bin = ensure_helm(session)
+    session.run(
+        helm_bin, "upgrade", "--install", os.environ.get("HELM_RELEASE", "hello-birthday"),
+        "helm/hello-birthday", "--namespace", os.environ.get("HELM_NAMESPACE", "hello-birthday"),
+        "--create-namespace", "--atomic", "--wait", "--timeout", "10m",
+        "-f", os.environ.get("HELM_VALUES", "helm/values/production.yaml"),
+        "--set", f"image.repository={repository}", "--set", f"image.digest={digest}",
+        *session.posargs, external=True,
+    )
