@@ -128,9 +128,13 @@ class PostgresDatabase:
             )
             try:
                 await connection.execute("")
-            except Exception:
+            except BaseException as error:
+                # Dropped (the pool opens a new one), never leaked, even when
+                # the request itself is being cancelled.
                 await connection.close()
-                await self.pool.putconn(connection)  # dropped; the pool opens a new one
+                await self.pool.putconn(connection)
+                if not isinstance(error, Exception):
+                    raise
                 continue
             finally:
                 watchdog.cancel()
