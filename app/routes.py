@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app import validation
@@ -57,6 +57,9 @@ async def _read_body(request: Request, timeout: float) -> bytes:
                 if size > validation.MAX_BODY_BYTES:
                     raise validation.body_too_large()
                 chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody is left to read an answer; this only keeps it out of the error log.
+        raise Problem(400, "client-disconnected", "The client went away mid-body.") from None
     except TimeoutError:
         raise Problem(
             408, "body-timeout", f"The request body did not arrive within {timeout:g} seconds."

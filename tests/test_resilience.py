@@ -286,3 +286,13 @@ def test_huge_declared_body_is_refused_before_it_is_read(sqlite_server):
     request = (b"PUT /hello/Huge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: 1073741824\r\n\r\n{")
     assert raw_request(sqlite_server, request).startswith(b"HTTP/1.1 413")
+
+
+def test_client_that_leaves_mid_body_is_not_a_server_error(sqlite_server):
+    with socket.create_connection(("127.0.0.1", sqlite_server.port), timeout=10) as sock:
+        sock.sendall(b"PUT /hello/Gone HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 30\r\n\r\n{\"dateOf")
+    time.sleep(0.5)
+    assert httpx.get(sqlite_server.url + "/healthz").status_code == 200
+    assert '"severity":"ERROR"' not in sqlite_server.output
+    assert httpx.get(sqlite_server.url + "/hello/Gone").status_code == 404
