@@ -54,8 +54,10 @@ def ensure_engine() -> None:
         return
     missing = [tool for tool in ("podman", "buildah") if not shutil.which(tool)]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run("apt-get", "update", "-qq", env=apt_env)  # a fresh machine's lists may be stale
         run("apt-get", "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap",
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            env=apt_env)
         missing = [tool for tool in ("podman", "buildah") if not shutil.which(tool)]
     if missing:
         sys.exit(f"container: FAILED: no container engine ({', '.join(missing)} missing) and "
@@ -79,6 +81,9 @@ def ensure_base(name: str) -> bool:
           "CircleCI. ***\n", flush=True)
     rootfs = ROOT / ".tools" / "rootfs-bookworm"
     if not (rootfs / "usr" / "bin" / "python3").exists():
+        if not shutil.which("debootstrap"):
+            sys.exit("container: FAILED: the base cannot be pulled and debootstrap, which "
+                     "would make a stand-in, is not installed")
         shutil.rmtree(rootfs, ignore_errors=True)
         rootfs.parent.mkdir(exist_ok=True)
         run("debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm",
