@@ -97,6 +97,7 @@ class PostgresDatabase:
             # Keep trying to reconnect for as long as the database is away.
             reconnect_timeout=365 * 24 * 3600,
             name="hello-birthday",
+            configure=self._mark_fresh,
             kwargs={
                 "autocommit": True,
                 "connect_timeout": max(2, int(settings.db_pool_timeout + 0.999)),
@@ -108,6 +109,11 @@ class PostgresDatabase:
     # A connection used this recently is known good; checking it would cost a
     # round trip on every request (HikariCP's aliveBypassWindowMs, same idea).
     CHECK_AFTER_IDLE_SECONDS = 1.0
+
+    @staticmethod
+    async def _mark_fresh(connection) -> None:
+        # Just connected: known good, so its first request skips the check.
+        connection.info_last_used = time.monotonic()
 
     async def _checked_connection(self):
         """A pooled connection that is known to work.
