@@ -8,8 +8,9 @@ layer cost most of the per-request time and half the start-up time in
 `nox -s bench`. Tests run these statements on both databases and check the
 table against the model.
 
-Every call is bounded by ``Settings.db_call_timeout`` on the client side (and
-by ``statement_timeout`` on PostgreSQL), and every way the database can fail
+Every call is bounded on the client side by ``DB_POOL_TIMEOUT`` plus
+``DB_STATEMENT_TIMEOUT`` (``Settings.db_call_timeout``; on PostgreSQL also by
+the server's ``statement_timeout``), and every way the database can fail
 surfaces as ``DatabaseUnavailable``, so the API answers 503, never 500 or a hang.
 """
 
@@ -76,6 +77,7 @@ class PostgresDatabase:
         import psycopg
         from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+        self._undefined_table = psycopg.errors.UndefinedTable
         self._unavailable_errors = (
             psycopg.OperationalError,
             psycopg.InterfaceError,
@@ -135,10 +137,8 @@ class PostgresDatabase:
             try:
                 await connection.execute("")
             except BaseException as error:
-                # Dropped (the pool opens a new one), never leaked, even when
-                # the request itself is being cancelled.
-                await connection.close()
-                await self.pool.putconn(connection)
+                # Dropped, never leaked, even when the request is being cancelled.
+                await self._discard(connection)
                 if not isinstance(error, Exception):
                     raise
                 continue
@@ -146,6 +146,11 @@ class PostgresDatabase:
                 watchdog.cancel()
             return connection
         raise TimeoutError("no working database connection")
+
+    async def _discard(self, connection) -> None:
+        """Close a connection and hand it back: the pool drops it and opens a new one."""
+        await connection.close()
+        await self.pool.putconn(connection)
 
     async def open(self) -> None:
         # Do not wait: a database that is down at start-up shows in /readyz.
@@ -168,8 +173,7 @@ class PostgresDatabase:
             result = await cursor.fetchall() if fetch else cursor.rowcount
         except BaseException as error:
             # Whatever state it is in, this connection is not reused.
-            await connection.close()
-            await self.pool.putconn(connection)
+            await self._discard(connection)
             if isinstance(error, self._unavailable_errors):
                 logger.warning("database unavailable: %s", type(error).__name__)
                 raise DatabaseUnavailable from error
@@ -196,7 +200,7 @@ class PostgresDatabase:
         try:
             rows = await self._execute(SCHEMA_REVISION, (), fetch=True)
         except DatabaseUnavailable as error:
-            if "UndefinedTable" in type(error.__cause__).__name__:
+            if isinstance(error.__cause__, self._undefined_table):
                 return set()  # reachable, but never migrated
             raise
         return {row[0] for row in rows}

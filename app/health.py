@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import logging
 from pathlib import Path
 
 from starlette.requests import Request
@@ -13,7 +12,6 @@ from app.database import DatabaseUnavailable
 from app.errors import Problem, problem_response
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-logger = logging.getLogger("app.health")
 
 
 def migration_heads(migrations_dir: Path = MIGRATIONS_DIR) -> set[str]:

@@ -58,3 +58,30 @@ def test_upsert_updates_the_timestamp_not_the_creation_time(empty_postgres):
     engine.dispose()
     assert updated > created
     assert born == date(1991, 1, 1)
+
+
+def test_readyz_tells_an_unmigrated_database_from_an_unreachable_one(postgres_server):
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+
+    url = postgres_server.create_database()  # reachable, never migrated
+    with TestClient(create_app(make_settings(url))) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "schema is not at the migration head" in response.json()["detail"]
+
+
+def test_readyz_turns_200_once_migrated_to_head(postgres_server):
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import migrate
+
+    url = postgres_server.create_database()
+    migrate(url, "base")
+    with TestClient(create_app(make_settings(url))) as client:
+        assert client.get("/readyz").status_code == 503
+        migrate(url)
+        assert client.get("/readyz").status_code == 200
