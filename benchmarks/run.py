@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import httpx2 as httpx
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import make_url
+
+from tests.conftest import migrate
+from tests.live_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = 3000
@@ -79,12 +79,6 @@ def letters_name(i: int) -> str:
     return s
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prepare_database(server_url: str) -> str:
     url = make_url(server_url.replace("postgresql://", "postgresql+psycopg://", 1))
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
@@ -93,10 +87,7 @@ def prepare_database(server_url: str) -> str:
         connection.execute(sa.text('CREATE DATABASE "hello_birthday_bench"'))
     admin.dispose()
     bench_url = url.set(database="hello_birthday_bench").render_as_string(hide_password=False)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["database_url"] = bench_url
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+    migrate(bench_url)
     engine = sa.create_engine(bench_url, poolclass=sa.pool.NullPool)
     with engine.begin() as connection:
         connection.execute(
