@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from tests.conftest import migrate
-from tests.live_server import free_port
+from tests.live_server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = 3000
@@ -115,16 +115,8 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT,
                                         env=self.env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        with httpx.Client(timeout=1) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.label} exited during start-up")
-                try:
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return time.perf_counter() - started
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.005)
+        wait_ready(self.url, 60, lambda: self.process.poll() is None, interval=0.005)
+        return time.perf_counter() - started
 
     def rss_mib(self) -> float:
         assert self.process is not None

@@ -19,12 +19,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx2 as httpx
 
 from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
-from tests.live_server import free_port
+from tests.live_server import NotReady, free_port, wait_ready
 
 IMAGE = "localhost/hello-birthday:smoke"
 # podman/buildah here (no Docker engine on the build machines); docker on CircleCI.
@@ -140,17 +139,11 @@ def main() -> int:
                       "-e", f"PORT={port}", "-e", "HOST=127.0.0.1",
                       "-e", "SHUTDOWN_DRAIN_SECONDS=1", IMAGE)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                run(*PODMAN, "logs", name, check=False)
-                raise AssertionError("the container never became ready")
-            time.sleep(0.5)
+        try:
+            wait_ready(url, 60, interval=0.5)
+        except NotReady:
+            run(*PODMAN, "logs", name, check=False)
+            raise
         put = httpx.put(url + "/hello/Container", json={"dateOfBirth": "1990-01-01"})
         assert put.status_code == 204, put.text
         greeting = httpx.get(url + "/hello/Container").json()["message"]

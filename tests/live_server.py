@@ -21,6 +21,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class NotReady(RuntimeError):
+    pass
+
+
+def wait_ready(url: str, timeout: float, is_alive=lambda: True, interval: float = 0.05) -> None:
+    """Poll ``url``/readyz until it answers 200; NotReady if the process died or time ran out."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=1) as client:
+        while time.monotonic() < deadline:
+            if not is_alive():
+                raise NotReady("the server exited during start-up")
+            try:
+                if client.get(url + "/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(interval)
+    raise NotReady(f"not ready within {timeout}s")
+
+
 class LiveServer:
     def __init__(self, database_url: str, **env: str) -> None:
         self.port = free_port()
@@ -54,19 +74,12 @@ class LiveServer:
         )
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._reader.join(timeout=5)
-                raise RuntimeError(f"server exited: {self.output}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server not ready in {timeout}s: {self.output}")
+        try:
+            wait_ready(self.url, timeout, lambda: self.process.poll() is None)
+        except NotReady as error:
+            self.stop()
+            raise RuntimeError(f"{error}: {self.output}") from None
+        return self
 
     def terminate(self) -> None:
         assert self.process is not None
