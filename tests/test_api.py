@@ -278,3 +278,20 @@ def test_openapi_document_is_served(client):
     response = client.get("/openapi.json")
     assert response.status_code == 200
     assert response.json()["openapi"].startswith("3.1")
+
+
+def test_an_unexpected_failure_is_a_problem_500_without_internals(sqlite_url):
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    def broken_clock():
+        raise RuntimeError("clock exploded at /srv/app/secret.py")
+
+    with TestClient(create_app(make_settings(sqlite_url), clock=broken_clock),
+                    raise_server_exceptions=False) as client:
+        response = client.get("/hello/anyone")
+    body = assert_problem(response, 500, "internal-error")
+    assert "exploded" not in response.text and "RuntimeError" not in response.text
+    assert body["detail"]
