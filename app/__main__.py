@@ -1,6 +1,6 @@
 """Production server: ``python -m app``.
 
-uvicorn with uvloop and httptools, proxy headers, no reload. On SIGTERM the
+uvicorn with uvloop and httptools, no reload. On SIGTERM the
 server drains: /readyz answers 503 at once, requests are still served for
 SHUTDOWN_DRAIN_SECONDS (so load balancers see the 503 and stop sending), then
 it stops accepting, finishes in-flight requests, flushes logs and exits 0.
@@ -16,7 +16,8 @@ from types import FrameType
 
 import uvicorn
 
-from app.main import Lifecycle, create_app
+from app.health import Readiness
+from app.main import create_app
 from app.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("app.server")
@@ -26,9 +27,11 @@ GRACEFUL_SHUTDOWN_TIMEOUT = 10
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, readiness: Readiness, drain_seconds: float
+    ) -> None:
         super().__init__(config)
-        self.lifecycle = lifecycle
+        self.readiness = readiness
         self.drain_seconds = drain_seconds
         self.drain_deadline: float | None = None
 
@@ -38,7 +41,7 @@ class DrainingServer(uvicorn.Server):
             return
         if self.drain_deadline is not None:
             return  # a second SIGTERM does not cut the drain short
-        self.lifecycle.draining = True
+        self.readiness.draining = True
         self.drain_deadline = time.monotonic() + self.drain_seconds
         # Not recorded in _captured_signals: uvicorn would re-raise it after
         # shutdown and the process would die of SIGTERM instead of exiting 0.
@@ -62,16 +65,18 @@ def build_server(settings: Settings) -> DrainingServer:
         port=settings.port,
         loop="uvloop",
         http="httptools",
-        proxy_headers=True,
-        forwarded_allow_ips="*",
+        # X-Forwarded-For is read by app.proxy, which trusts only the
+        # platform's own hops (FORWARDED_HOPS); uvicorn's "*" trusted the
+        # left-most entry, which any client can write.
+        proxy_headers=False,
         server_header=False,
         access_log=False,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT,
-        timeout_keep_alive=5,
+        timeout_keep_alive=settings.keep_alive_seconds,
     )
-    return DrainingServer(config, app.state.lifecycle, settings.shutdown_drain_seconds)
+    return DrainingServer(config, app.state.readiness, settings.shutdown_drain_seconds)
 
 
 def main() -> int:

@@ -72,31 +72,97 @@ def _sever(connection) -> None:
         sock.close()  # the duplicate only; the connection's own fd stays with libpq
 
 
+# SQLSTATE classes (PostgreSQL manual, appendix A) in which the server says it
+# cannot do the work now, whatever the client sent: the request answers 503.
+# Every other class (data, integrity, syntax) is a bug of ours: one 500.
+UNAVAILABLE_SQLSTATE_CLASSES = {
+    "08": "connection exception",
+    "25": "invalid transaction state (read-only during a failover or maintenance)",
+    "40": "transaction rollback (serialization failure, deadlock)",
+    "53": "insufficient resources (too many connections, disk full, out of memory)",
+    "55": "object not in prerequisite state (lock not available)",
+    "57": "operator intervention (shutdown, cannot connect now, statement timeout)",
+    "58": "system error",
+    "XX": "internal error",
+}
+UNDEFINED_TABLE = "42P01"  # not migrated yet: nothing to serve from, not a bug
+# Worth one retry on a fresh connection: the connection died under the
+# statement (restart, failover, pg_terminate_backend), or the server rolled it
+# back for a conflict. All three statements are idempotent.
+RETRY_SQLSTATE_CLASSES = ("08", "40")
+RETRY_SQLSTATES = ("57P01", "57P02")  # admin_shutdown, crash_shutdown
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether a database error means "not now" (503) rather than a bug (500)."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    if isinstance(error, (PoolTimeout, TimeoutError, OSError, psycopg.InterfaceError)):
+        return True
+    if isinstance(error, psycopg.Error):
+        sqlstate = error.sqlstate
+        if sqlstate is None:  # raised by libpq itself: the connection is gone
+            return isinstance(error, psycopg.OperationalError)
+        return sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES or sqlstate == UNDEFINED_TABLE
+    return False
+
+
+def _describe(error: BaseException) -> str:
+    sqlstate = getattr(error, "sqlstate", None)
+    return f"{type(error).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(error).__name__
+
+
+def _make_pool_class():
+    from psycopg_pool import AsyncConnectionPool
+    from psycopg_pool.base import AttemptWithBackoff
+
+    class CappedBackoff(AttemptWithBackoff):
+        # psycopg_pool doubles the wait between reconnection attempts without
+        # bound: after a 70 s outage the next attempt could be 64 s away, and
+        # requests got 503 for up to 47 s after the database was back.
+        MAX_DELAY = 0.5
+
+        def update_delay(self, now: float) -> None:
+            super().update_delay(now)
+            self.delay = min(self.delay, self.MAX_DELAY)
+
+    class Pool(AsyncConnectionPool):
+        async def _add_connection(self, attempt=None, growing: bool = False) -> None:
+            attempt = attempt or CappedBackoff(timeout=self.reconnect_timeout)
+            await super()._add_connection(attempt, growing=growing)
+
+    return Pool
+
+
 class PostgresDatabase:
+    # The client's deadline on a statement sits this far above the server's
+    # statement_timeout: the server's cancel arrives first and the connection
+    # survives; only a dead network path is left for the client to cut.
+    CLIENT_DEADLINE_MARGIN = 0.5
+    # Readiness reads the schema on its own connection, bounded by this.
+    READINESS_TIMEOUT = 1.0
+
     def __init__(self, settings: Settings) -> None:
         import psycopg
-        from psycopg_pool import AsyncConnectionPool, PoolTimeout
+        from psycopg.pq import TransactionStatus
 
-        self._undefined_table = psycopg.errors.UndefinedTable
-        self._unavailable_errors = (
-            psycopg.OperationalError,
-            psycopg.InterfaceError,
-            psycopg.errors.UndefinedTable,  # not migrated yet: the service cannot serve
-            PoolTimeout,
-            TimeoutError,
-            OSError,
-        )
+        self._psycopg = psycopg
+        self._idle = TransactionStatus.IDLE
         self.pool_timeout = settings.db_pool_timeout
         self.pool_size = settings.db_pool_size
         self.statement_timeout = settings.db_statement_timeout
-        self.pool = AsyncConnectionPool(
+        self.url = settings.libpq_url
+        self._readiness_connection = None
+        self.pool = _make_pool_class()(
             settings.libpq_url,
             min_size=settings.db_pool_size,
             max_size=settings.db_pool_size,
             open=False,
             timeout=settings.db_pool_timeout,
             max_lifetime=1800,
-            # Keep trying to reconnect for as long as the database is away.
+            # Keep trying to reconnect for as long as the database is away
+            # (every half second at most: see CappedBackoff).
             reconnect_timeout=365 * 24 * 3600,
             name="hello-birthday",
             configure=self._mark_fresh,
@@ -110,6 +176,7 @@ class PostgresDatabase:
 
     # A connection used this recently is known good; checking it would cost a
     # round trip on every request (HikariCP's aliveBypassWindowMs, same idea).
+    # One that died within the window fails its statement, which is retried.
     CHECK_AFTER_IDLE_SECONDS = 1.0
 
     @staticmethod
@@ -117,7 +184,7 @@ class PostgresDatabase:
         # Just connected: known good, so its first request skips the check.
         connection.info_last_used = time.monotonic()
 
-    async def _checked_connection(self):
+    async def _checked_connection(self, always_check: bool = False):
         """A pooled connection that is known to work.
 
         Stale connections (a database restart, a dropped TCP path) are found
@@ -129,7 +196,7 @@ class PostgresDatabase:
         for _ in range(self.pool_size + 1):
             connection = await self.pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
             last_used = getattr(connection, "info_last_used", 0.0)
-            if time.monotonic() - last_used <= self.CHECK_AFTER_IDLE_SECONDS:
+            if not always_check and time.monotonic() - last_used <= self.CHECK_AFTER_IDLE_SECONDS:
                 return connection
             watchdog = asyncio.get_running_loop().call_later(
                 max(0.001, deadline - time.monotonic()), _sever, connection
@@ -157,26 +224,63 @@ class PostgresDatabase:
         await self.pool.open(wait=False)
 
     async def close(self) -> None:
+        if self._readiness_connection is not None:
+            await self._readiness_connection.close()
         await self.pool.close(timeout=5)
+
+    def _should_retry(self, error: Exception, connection) -> bool:
+        sqlstate = getattr(error, "sqlstate", None) or ""
+        return (
+            connection.broken
+            or connection.closed
+            or sqlstate[:2] in RETRY_SQLSTATE_CLASSES
+            or sqlstate in RETRY_SQLSTATES
+        )
 
     async def _execute(self, query: str, params: tuple, fetch: bool):
         try:
-            connection = await self._checked_connection()
-        except self._unavailable_errors as error:
-            logger.warning("no database connection: %s", type(error).__name__)
-            raise DatabaseUnavailable from error
+            return await self._attempt(query, params, fetch, retry=False)
+        except _Retry as retry:
+            logger.info("retrying on a fresh connection after %s", _describe(retry.error))
+            try:
+                return await self._attempt(query, params, fetch, retry=True)
+            except _Retry as again:
+                raise self._unavailable(again.error) from again.error
+
+    def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
+        logger.warning("database unavailable: %s", _describe(error))
+        unavailable = DatabaseUnavailable(_describe(error))
+        unavailable.__cause__ = error
+        return unavailable
+
+    async def _attempt(self, query: str, params: tuple, fetch: bool, retry: bool):
+        try:
+            connection = await self._checked_connection(always_check=retry)
+        except Exception as error:
+            if is_unavailable(error):
+                raise self._unavailable(error) from error
+            raise
         watchdog = asyncio.get_running_loop().call_later(
-            self.statement_timeout, _sever, connection
+            self.statement_timeout + self.CLIENT_DEADLINE_MARGIN, _sever, connection
         )
         try:
             cursor = await connection.execute(query, params, prepare=True)
             result = await cursor.fetchall() if fetch else cursor.rowcount
         except BaseException as error:
-            # Whatever state it is in, this connection is not reused.
-            await self._discard(connection)
-            if isinstance(error, self._unavailable_errors):
-                logger.warning("database unavailable: %s", type(error).__name__)
-                raise DatabaseUnavailable from error
+            if (
+                isinstance(error, Exception)
+                and not connection.broken
+                and connection.pgconn.transaction_status == self._idle
+            ):
+                # The server refused the statement; the connection is fine.
+                await self.pool.putconn(connection)
+            else:
+                # Dead, or in a state nobody knows: not reused.
+                await self._discard(connection)
+            if isinstance(error, Exception) and is_unavailable(error):
+                if self._should_retry(error, connection):
+                    raise _Retry(error) from error
+                raise self._unavailable(error) from error
             raise
         finally:
             watchdog.cancel()
@@ -197,13 +301,46 @@ class PostgresDatabase:
         return await self._execute(PG_DELETE, (username,), fetch=False) > 0
 
     async def schema_revisions(self) -> set[str]:
+        """The alembic revisions stored, read on readiness's own connection.
+
+        Never a pooled connection: a pool saturated by requests must not make
+        the probe wait (and the pod unready).
+        """
+        psycopg = self._psycopg
+        connection = self._readiness_connection
         try:
-            rows = await self._execute(SCHEMA_REVISION, (), fetch=True)
-        except DatabaseUnavailable as error:
-            if isinstance(error.__cause__, self._undefined_table):
-                return set()  # reachable, but never migrated
+            if connection is None or connection.closed:
+                connection = self._readiness_connection = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True, connect_timeout=2,
+                        application_name="hello-birthday-readiness",
+                        options=f"-c statement_timeout={int(self.READINESS_TIMEOUT * 1000)}",
+                    ),
+                    self.READINESS_TIMEOUT + 2,
+                )
+            watchdog = asyncio.get_running_loop().call_later(
+                self.READINESS_TIMEOUT + self.CLIENT_DEADLINE_MARGIN, _sever, connection
+            )
+            try:
+                cursor = await connection.execute(SCHEMA_REVISION)
+                rows = await cursor.fetchall()
+            finally:
+                watchdog.cancel()
+        except psycopg.errors.UndefinedTable:
+            return set()  # reachable, but never migrated
+        except Exception as error:
+            if connection is not None:
+                await connection.close()
+            if is_unavailable(error):
+                raise DatabaseUnavailable(_describe(error)) from error
             raise
         return {row[0] for row in rows}
+
+
+class _Retry(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 SQLITE_UPSERT = (
@@ -256,7 +393,12 @@ class SqliteDatabase:
         return await self._execute(SQLITE_DELETE, (username,), fetch=False) > 0
 
     async def schema_revisions(self) -> set[str]:
-        rows = await self._execute(SCHEMA_REVISION, (), fetch=True)
+        try:
+            rows = await self._execute(SCHEMA_REVISION, (), fetch=True)
+        except DatabaseUnavailable as error:
+            if "no such table" in str(error.__cause__):
+                return set()  # never migrated
+            raise
         return {row[0] for row in rows}
 
 

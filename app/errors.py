@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
@@ -13,8 +12,6 @@ from starlette.responses import Response
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:hello-birthday:problem:"
 RETRY_AFTER_SECONDS = 1
-
-logger = logging.getLogger("app.errors")
 
 
 class Problem(Exception):
@@ -55,17 +52,30 @@ def database_unavailable() -> Problem:
     )
 
 
-def problem_response(problem: Problem, instance: str | None = None) -> Response:
-    body = {
+def internal_error() -> Problem:
+    return Problem(500, "internal-error", "The server failed to answer; this is not your fault.")
+
+
+# The request path is echoed as ``instance`` up to this length; a longer one
+# (a 65 kB "username") is left out rather than cut into a path that is not it.
+MAX_INSTANCE_LENGTH = 300
+
+
+def problem_body(problem: Problem, instance: str | None = None) -> bytes:
+    body: dict[str, object] = {
         "type": problem.type,
         "title": problem.title,
         "status": problem.status,
         "detail": problem.detail,
     }
-    if instance:
+    if instance and len(instance) <= MAX_INSTANCE_LENGTH:
         body["instance"] = instance
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def problem_response(problem: Problem, instance: str | None = None) -> Response:
     return Response(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        problem_body(problem, instance),
         status_code=problem.status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=problem.headers,
@@ -94,13 +104,4 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
     return problem_response(
         Problem(exc.status_code, slug, detail, headers=headers), request.url.path
-    )
-
-
-async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    # The traceback goes to the log, never to the client.
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(
-        Problem(500, "internal-error", "The server failed to answer; this is not your fault."),
-        request.url.path,
     )

@@ -1,39 +1,87 @@
-"""Operational endpoints: liveness, readiness, and the schema head readiness waits for."""
+"""Operational endpoints: liveness, and readiness as ``../shared/API.md`` defines it."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from app.database import DatabaseUnavailable
 from app.errors import Problem, problem_response
+from app.schema import schema_verdict
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+logger = logging.getLogger("app.health")
 
 
-def migration_heads(migrations_dir: Path = MIGRATIONS_DIR) -> set[str]:
-    """The head revision(s) of the alembic scripts shipped with this code.
+class Readiness:
+    """Whether this process should get traffic: /readyz's answer, kept cheaply.
 
-    Read from the scripts' ``revision``/``down_revision`` assignments rather
-    than through alembic, whose import would add a third to start-up time; a
-    test checks the answer against alembic's own.
+    The schema is read on a connection of its own (``read_schema``), never one
+    a request could hold, so a saturated pool cannot make a pod unready. One
+    read at a time; a probe waits for it at most ``answer_within`` seconds and
+    otherwise answers with what is known. Once the schema was seen good it is
+    re-read every ``recheck_seconds`` only, so probe traffic barely reaches the
+    database, and a database outage after that does not turn it unready:
+    requests answer 503 themselves, while a load balancer with every backend
+    unready would answer its own 502.
     """
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    for script in (migrations_dir / "versions").glob("*.py"):
-        for node in ast.parse(script.read_text(encoding="utf-8")).body:
-            target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
-            name = getattr(target, "id", None)
-            value = getattr(node, "value", None)
-            if name == "revision" and value is not None:
-                revisions.add(ast.literal_eval(value))
-            elif name == "down_revision" and value is not None:
-                down = ast.literal_eval(value)
-                parents.update([down] if isinstance(down, str) else (down or ()))
-    return revisions - parents
+
+    def __init__(
+        self,
+        read_schema: Callable[[], Awaitable[set[str]]],
+        *,
+        recheck_seconds: float = 10.0,
+        answer_within: float = 0.5,
+    ) -> None:
+        self.read_schema = read_schema
+        self.recheck_seconds = recheck_seconds
+        self.answer_within = answer_within
+        self.draining = False
+        self.reason: str | None = "starting"
+        self._checked_at = float("-inf")
+        self._check: asyncio.Task[None] | None = None
+
+    @property
+    def schema_seen(self) -> bool:
+        return self.reason is None
+
+    def refresh(self) -> asyncio.Task[None]:
+        """Start a schema read unless one runs or the last good one is recent."""
+        stale = not self.schema_seen or (
+            time.monotonic() - self._checked_at >= self.recheck_seconds
+        )
+        if stale and (self._check is None or self._check.done()):
+            self._check = asyncio.get_running_loop().create_task(self._read())
+        assert self._check is not None  # nosec B101
+        return self._check
+
+    async def _read(self) -> None:
+        try:
+            revisions = await self.read_schema()
+        except DatabaseUnavailable:
+            if not self.schema_seen:
+                self.reason = "the database is unreachable"
+            return  # seen good before: an outage is the requests' business
+        reason = schema_verdict(revisions)
+        if reason != self.reason:
+            logger.info("readiness: %s", reason or "the schema serves this release")
+        self.reason = reason
+        self._checked_at = time.monotonic()
+
+    async def check(self) -> str | None:
+        """None when ready, else the reason."""
+        if self.draining:
+            return "shutting down"
+        task = self.refresh()
+        if not task.done():
+            await asyncio.wait([task], timeout=self.answer_within)
+        if self.draining:
+            return "shutting down"
+        return self.reason
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -42,19 +90,9 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> Response:
-    lifecycle = request.state.lifecycle
-    if lifecycle.draining:
-        return _not_ready("shutting down")
-    try:
-        revisions = await request.state.database.schema_revisions()
-    except DatabaseUnavailable:
-        return _not_ready("database unavailable")
-    if revisions != lifecycle.schema_heads:
-        return _not_ready("database schema is not at the migration head")
-    return JSONResponse({"status": "ready"})
-
-
-def _not_ready(reason: str) -> Response:
+    reason = await request.state.readiness.check()
+    if reason is None:
+        return JSONResponse({"status": "ready"})
     problem = Problem(
         503, "not-ready", f"Not ready: {reason}.", title="Not ready",
         headers={"Retry-After": "1"},

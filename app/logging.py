@@ -19,6 +19,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from app.errors import PROBLEM_MEDIA_TYPE, internal_error, problem_body
+from app.proxy import client_address
 from app.settings import Settings
 
 TRACE_KEY = "logging.googleapis.com/trace"
@@ -41,6 +43,18 @@ _ACCESS_LINE = (
     '"remoteIp":%s,"protocol":%s}%s}\n'
 )
 _quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept
+# A path is logged up to this many characters: a 65 kB username must not make
+# a 130 kB log line. The longest valid one (/hello/ and 64 letters, each up to
+# 4 code points before NFC) fits.
+MAX_LOGGED_PATH = 300
+
+
+def bounded_path(path: str) -> str:
+    if len(path) <= MAX_LOGGED_PATH:
+        return path
+    return f"{path[:MAX_LOGGED_PATH]}... ({len(path)} characters)"
+
+
 _flush_scheduled = False
 
 
@@ -149,11 +163,18 @@ def _header(scope, name: bytes) -> str | None:
 
 class AccessLogMiddleware:
     """Pure ASGI middleware: one log line per request, and the trace for every
-    line logged while the request runs."""
+    line logged while the request runs.
 
-    def __init__(self, app, project: str | None) -> None:
+    It is also the last resort for a bug: an exception that reaches it becomes
+    a problem+json 500 and one log entry, this request's line with the
+    traceback in it (Starlette's own last resort re-raises to uvicorn, which
+    logged the same traceback twice more).
+    """
+
+    def __init__(self, app, project: str | None, forwarded_hops: int = 0) -> None:
         self.app = app
         self.project = project
+        self.forwarded_hops = forwarded_hops
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -164,7 +185,8 @@ class AccessLogMiddleware:
             _header(scope, b"traceparent"), _header(scope, b"x-cloud-trace-context"), self.project
         )
         token = _request_trace.set(trace)
-        status = 500
+        status = 0
+        error: Exception | None = None
 
         async def send_and_record(message) -> None:
             nonlocal status
@@ -174,9 +196,14 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except Exception as exc:
+            error = exc
+            if not status:
+                await _send_internal_error(scope, send)
+            status = 500
         finally:
             latency = time.perf_counter() - started
-            self._log(scope, status, latency)
+            self._log(scope, status or 500, latency, error)
             _request_trace.reset(token)
 
     def _write_json(self, handler, level: int, http_request: dict, latency: float) -> None:
@@ -208,32 +235,49 @@ class AccessLogMiddleware:
             _flush_scheduled = True
             asyncio.get_running_loop().call_soon(_flush, handler)
 
-    def _log(self, scope, status: int, latency: float) -> None:
-        level = logging.ERROR if status >= 500 else (
+    def _log(self, scope, status: int, latency: float, error: Exception | None = None) -> None:
+        # A 503 is the service working as designed while the database is away
+        # (app.database logs why): a warning. Any other 5xx is an error.
+        level = logging.ERROR if status >= 500 and status != 503 else (
             logging.WARNING if status >= 400 else logging.INFO
         )
         if not access_logger.isEnabledFor(level):
             return
         client = scope.get("client")
+        peer = client[0] if client else ""
         http_request = {
             "requestMethod": scope["method"],
-            "requestUrl": scope["path"],
+            "requestUrl": bounded_path(scope["path"]),
             "status": status,
             "latency": f"{latency:.6f}s",
             "userAgent": _header(scope, b"user-agent") or "",
-            "remoteIp": client[0] if client else "",
+            "remoteIp": client_address(
+                _header(scope, b"x-forwarded-for"), peer, self.forwarded_hops
+            ) if self.forwarded_hops else peer,
             "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
         }
         handler = _json_handler
-        if handler is not None:
+        if handler is not None and error is None:
             self._write_json(handler, level, http_request, latency)
             return
         access_logger.log(
             level,
             "%s %s %d %.1fms",
             scope["method"],
-            scope["path"],
+            http_request["requestUrl"],
             status,
             latency * 1000,
             extra={"http_request": http_request},
+            exc_info=error,
         )
+
+
+async def _send_internal_error(scope, send) -> None:
+    body = problem_body(internal_error(), scope.get("path"))
+    await send({
+        "type": "http.response.start",
+        "status": 500,
+        "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})

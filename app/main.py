@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from starlette.applications import Starlette
@@ -15,6 +14,8 @@ from starlette.routing import Route, Router
 
 from app import errors, health, openapi, routes
 from app.database import Database, DatabaseUnavailable, open_database
+from app.health import Readiness
+from app.limits import ConcurrencyLimit
 from app.logging import AccessLogMiddleware
 from app.settings import Settings, load_settings
 
@@ -24,14 +25,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-@dataclass
-class Lifecycle:
-    """Process-wide state the server and readiness share."""
-
-    schema_heads: set[str] = field(default_factory=set)
-    draining: bool = False
 
 
 async def _database_unavailable(request, exc):
@@ -45,21 +38,21 @@ def create_app(
     database: Database | None = None,
 ) -> Starlette:
     settings = settings or load_settings()
-    lifecycle = Lifecycle()
+    db = database or open_database(settings)
+    readiness = Readiness(db.schema_revisions)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
-        lifecycle.schema_heads = health.migration_heads()
-        db = database or open_database(settings)
         await db.open()
         logger.info(
             "serving on the %s database", "embedded SQLite" if settings.is_sqlite else "PostgreSQL"
         )
+        readiness.refresh()  # the first probe finds the answer ready
         try:
             yield {
                 "database": db,
                 "clock": clock,
-                "lifecycle": lifecycle,
+                "readiness": readiness,
                 "body_read_timeout": settings.body_read_timeout,
             }
         finally:
@@ -72,19 +65,24 @@ def create_app(
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
         ],
-        middleware=[Middleware(AccessLogMiddleware, project=settings.google_cloud_project)],
+        middleware=[
+            Middleware(AccessLogMiddleware, project=settings.google_cloud_project,
+                       forwarded_hops=settings.forwarded_hops),
+            *([Middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests)]
+              if settings.max_concurrent_requests else []),
+        ],
+        # A bug's 500 is the access log middleware's (one log entry, not three).
         exception_handlers={
             errors.Problem: errors.handle_problem,
             HTTPException: errors.handle_http_exception,
             DatabaseUnavailable: _database_unavailable,
-            Exception: errors.handle_unexpected,
         },
         lifespan=lifespan,
     )
     # /hello is an unknown path, not a redirect to /hello/.
     assert isinstance(app.router, Router)  # nosec B101
     app.router.redirect_slashes = False
-    app.state.lifecycle = lifecycle
+    app.state.readiness = readiness
     app.state.settings = settings
     return app
 

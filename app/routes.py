@@ -32,10 +32,15 @@ class AnyTextConvertor(Convertor[str]):
 register_url_convertor("anytext", AnyTextConvertor())
 
 
+# A greeting is personal data: no shared or private cache may keep it.
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
 def _json(payload: dict) -> Response:
     return Response(
         json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
         media_type="application/json",
+        headers=_NO_STORE,
     )
 
 
@@ -68,7 +73,12 @@ async def _read_body(request: Request, timeout: float) -> bytes:
 
 
 async def hello(request: Request) -> Response:
-    username = validation.parse_username(request.path_params["username"])
+    raw = request.path_params["username"]
+    if raw.endswith("/"):
+        # One rule for every path: a trailing slash names another resource,
+        # which does not exist (no redirect), as /healthz/ does.
+        raise Problem(404, "not-found", "No resource lives at this path.")
+    username = validation.parse_username(raw)
     method = request.method
     database = request.state.database
     if method == "DELETE":
@@ -77,8 +87,9 @@ async def hello(request: Request) -> Response:
         return Response(status_code=_NO_CONTENT)
 
     # Most requests have no query string; skip parsing one.
-    tz = request.query_params.get("tz") if request.scope["query_string"] else None
-    zone = validation.parse_timezone(tz)
+    zone = validation.parse_timezone(
+        request.query_params.getlist("tz") if request.scope["query_string"] else []
+    )
     today = validation.today_in(zone, request.state.clock())
     if method == "PUT":
         validation.check_content_type(request.headers.get("content-type"))

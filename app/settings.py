@@ -33,6 +33,17 @@ class Settings:
     shutdown_drain_seconds: float = 0.0
     body_read_timeout: float = 5.0
     google_cloud_project: str | None = None
+    # Idle keep-alive connections are kept this long. Behind the Google load
+    # balancer (600 s to its backends) this must be longer, or the balancer
+    # reuses a connection the server is closing and answers 502 itself.
+    keep_alive_seconds: float = 5.0
+    # Requests served at once by one process; more answer 503 at once instead
+    # of queueing for a pooled connection (0: no limit).
+    max_concurrent_requests: int = 100
+    # How many X-Forwarded-For entries, counted from the right, the platform's
+    # own proxies added: the client address is the left-most of those. 0 trusts
+    # no header and logs the TCP peer (Cloud Run and the Google load balancer: 2).
+    forwarded_hops: int = 0
 
     @property
     def is_sqlite(self) -> bool:
@@ -53,7 +64,10 @@ class Settings:
         """Upper bound on one database call seen from the client side.
 
         Waiting for a pooled (or new) connection plus running the statement;
-        this is what keeps a request from hanging on a dead database.
+        this is what keeps a request from hanging on a dead database. On
+        PostgreSQL a statement whose connection died is retried once, so a
+        request may take twice this, plus half a second each time that the
+        client deadline sits above the server's statement_timeout.
         """
         return self.db_pool_timeout + self.db_statement_timeout
 
@@ -127,4 +141,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         shutdown_drain_seconds=_number(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, float, 0, 3600),
         body_read_timeout=_number(env, "BODY_READ_TIMEOUT", 5.0, float, 0.1, 300),
         google_cloud_project=env.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
+        keep_alive_seconds=_number(env, "KEEP_ALIVE_SECONDS", 5.0, float, 1, 3600),
+        max_concurrent_requests=_number(env, "MAX_CONCURRENT_REQUESTS", 100, int, 0, 100_000),
+        forwarded_hops=_number(env, "FORWARDED_HOPS", 0, int, 0, 10),
     )

@@ -53,10 +53,15 @@ def _zone(name: str) -> tzinfo:
     return zoneinfo.ZoneInfo(name)
 
 
-def parse_timezone(raw: str | None) -> tzinfo:
+def parse_timezone(values: list[str]) -> tzinfo:
     """The zone that defines *today*: UTC unless ``?tz=`` names an IANA zone."""
-    if raw is None:
+    if not values:
         return timezone.utc
+    if len(values) > 1:
+        raise bad_request(
+            "repeated-time-zone", "The tz parameter is given more than once; give it once."
+        )
+    raw = values[0]
     if raw not in _known_zones():
         shown = raw if len(raw) <= 64 else raw[:64] + "..."
         raise bad_request(
@@ -94,14 +99,37 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        # Otherwise the last one wins, and a check could read another value
+        # than the one stored.
+        raise _DuplicateMember
+    return document
+
+
 def parse_date_of_birth(body: bytes, today: date) -> date:
     """The ``dateOfBirth`` of a PUT body: a real date, strictly before ``today``."""
     try:
-        document = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+        # Decoded here, strictly: json.loads(bytes) would guess UTF-16 or -32.
+        document = json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_members,
+        )
+    except _DuplicateMember:
         raise bad_request(
             "invalid-json",
-            'The request body is not valid JSON; send {"dateOfBirth": "YYYY-MM-DD"}.',
+            "The request body names the same member twice; send each member once.",
+        ) from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise bad_request(
+            "invalid-json",
+            'The request body is not valid UTF-8 JSON; send {"dateOfBirth": "YYYY-MM-DD"}.',
         ) from None
     if not isinstance(document, dict):
         raise bad_request(

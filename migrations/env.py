@@ -27,6 +27,19 @@ def database_url() -> str:
     return config.attributes.get("database_url") or load_settings().database_url
 
 
+def written_by_a_later_release(current: tuple[str, ...]) -> list[str]:
+    """The stored revisions these scripts do not know."""
+    script = context.script
+    unknown = []
+    for revision in current:
+        try:
+            if script.get_revision(revision) is None:
+                unknown.append(revision)
+        except Exception:  # alembic raises ResolutionError/CommandError for unknown ids
+            unknown.append(revision)
+    return unknown
+
+
 def run_migrations_offline() -> None:
     context.configure(
         url=database_url(),
@@ -54,7 +67,16 @@ def run_migrations_online() -> None:
                 # here, then finds the schema already at head.
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"),
                                    {"id": MIGRATION_LOCK_ID})
-            context.run_migrations()
+            newer = written_by_a_later_release(context.get_context().get_current_heads())
+            if newer:
+                # A rollback (helm rollback, an ArgoCD sync to an older commit)
+                # runs this older release's job on a schema a later release
+                # migrated. Expand/contract keeps that schema readable by this
+                # release, so there is nothing to do: say so and succeed.
+                print(f"schema is at {', '.join(newer)}, newer than this release's "
+                      "migrations: nothing to do", flush=True)
+            else:
+                context.run_migrations()
     engine.dispose()
 
 

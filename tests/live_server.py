@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 
@@ -42,7 +43,9 @@ def wait_ready(url: str, timeout: float, is_alive=lambda: True, interval: float 
 
 
 class LiveServer:
-    def __init__(self, database_url: str, **env: str) -> None:
+    def __init__(self, database_url: str, cwd: Path = ROOT, **env: str) -> None:
+        """``cwd``: the checkout whose ``app`` package runs (another release's, say)."""
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -69,7 +72,7 @@ class LiveServer:
 
     def start(self, timeout: float = 30) -> "LiveServer":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "app"], cwd=self.cwd, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self._reader = threading.Thread(target=self._read_output, daemon=True)

@@ -129,8 +129,10 @@ def assert_outage_answers(live: LiveServer, limit: float) -> None:
             assert response.headers["content-type"] == "application/problem+json"
             assert response.headers["retry-after"].isdigit()
             assert elapsed < limit, f"{method} took {elapsed:.1f}s"
+        # The schema was seen before the outage: the pod stays in the load
+        # balancer, which would otherwise answer its own 502 instead of our 503.
         elapsed, ready = timed(client, "GET", "/readyz")
-        assert ready.status_code == 503 and elapsed < limit
+        assert ready.status_code == 200 and elapsed < 1.0
         assert client.get("/healthz").status_code == 200
 
 

@@ -1,0 +1,51 @@
+"""Overload protection: a bound on the requests one process serves at once."""
+
+from __future__ import annotations
+
+from app.errors import Problem, problem_body
+
+_OVERLOADED = Problem(
+    503, "overloaded",
+    "The server is at its limit of concurrent requests; retry after the number of seconds "
+    "in Retry-After.",
+    title="Service temporarily unavailable",
+)
+
+
+class ConcurrencyLimit:
+    """Pure ASGI middleware: past ``limit`` requests in flight, answer 503 at once.
+
+    Queueing without bound only turns overload into timeouts for everyone;
+    a quick 503 with Retry-After lets the load balancer or client go elsewhere.
+    Unlike uvicorn's ``limit_concurrency`` it counts requests, not connections,
+    so idle keep-alive connections from a load balancer (kept for 600 s on
+    GKE) never count against it. The probes are never refused.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+        self.rejected = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/healthz", "/readyz"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            self.rejected += 1
+            body = problem_body(_OVERLOADED, None)
+            await send({
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [(b"content-type", b"application/problem+json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"1")],
+            })
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

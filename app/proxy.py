@@ -1,0 +1,21 @@
+"""The client's address behind the platform's proxies (X-Forwarded-For)."""
+
+from __future__ import annotations
+
+
+def client_address(forwarded_for: str | None, peer: str, hops: int) -> str:
+    """The address the platform's own proxies saw the request come from.
+
+    Each proxy appends the address it received the request from, so only the
+    right-most ``hops`` entries were written by infrastructure; anything to
+    their left came from the client and can say anything. The Google load
+    balancer appends two (client, then its own address), as does Cloud Run's
+    front end. With ``hops`` 0, or a header shorter than that (the request did
+    not come through the platform), the TCP peer is the answer.
+    """
+    if hops <= 0 or not forwarded_for:
+        return peer
+    entries = [entry.strip() for entry in forwarded_for.split(",")]
+    if len(entries) < hops or not entries[-hops]:
+        return peer
+    return entries[-hops]
