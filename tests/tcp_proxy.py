@@ -13,6 +13,7 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.blackholed = False
+        self.refusing = False
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -33,6 +34,9 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refusing:  # the server is down: every connection is reset at once
+                self._reset(client)
+                continue
             self._track(client)
             if self.blackholed:
                 continue  # accepted, never answered
@@ -64,21 +68,31 @@ class TcpProxy:
         """Connections stay open but nothing gets through: no FIN, no RST, no answer."""
         self.blackholed = True
 
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        except OSError:
+            pass
+
     def reset_all(self) -> None:
         """Abort every connection with a RST, as when the database host goes away."""
         with self.lock:
             sockets, self.sockets = self.sockets, []
         for sock in sockets:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            except OSError:
-                pass
+            self._reset(sock)
+
+    def refuse(self) -> None:
+        """The database is down: open connections die, new ones are reset."""
+        self.refusing = True
+        self.reset_all()
 
     def restore(self) -> None:
         """Forward again; connections opened or silenced meanwhile are dropped."""
         self.reset_all()
         self.blackholed = False
+        self.refusing = False
 
     def close(self) -> None:
         self.closed = True

@@ -298,3 +298,63 @@ def test_client_that_leaves_mid_body_is_not_a_server_error(sqlite_server):
     assert httpx.get(sqlite_server.url + "/healthz").status_code == 200
     assert '"severity":"ERROR"' not in sqlite_server.output
     assert httpx.get(sqlite_server.url + "/hello/Gone").status_code == 404
+
+
+# --- keep-alive and overload --------------------------------------------------------------
+
+def idle_then_reuse(live: LiveServer, idle: float) -> bytes:
+    """A request, `idle` seconds of silence, then a second on the same connection."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+        sock.sendall(request)
+        first = b""
+        while not first.endswith(b'{"status":"ok"}'):  # the whole response, body too
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        time.sleep(idle)
+        try:
+            sock.sendall(request)
+            return sock.recv(4096)
+        except OSError:
+            return b""
+
+
+def test_keep_alive_follows_the_setting(sqlite_url):
+    """Behind the Google load balancer (600 s) the chart sets it above 600 s;
+    the server must keep an idle connection that long, not uvicorn's 5 s."""
+    with LiveServer(sqlite_url, KEEP_ALIVE_SECONDS="3") as live:
+        assert idle_then_reuse(live, 1.5).startswith(b"HTTP/1.1 200")
+    with LiveServer(sqlite_url, KEEP_ALIVE_SECONDS="1") as live:
+        assert idle_then_reuse(live, 1.5) == b""  # closed by the server meanwhile
+
+
+def test_overload_is_a_quick_503_not_a_queue(empty_postgres):
+    seed(empty_postgres, Busy="1990-01-01")
+    live = LiveServer(empty_postgres, MAX_CONCURRENT_REQUESTS="2", DB_POOL_SIZE="1",
+                      DB_POOL_TIMEOUT="5", DB_STATEMENT_TIMEOUT="5").start()
+    engine = sa.create_engine(empty_postgres, poolclass=sa.pool.NullPool)
+    held: list[int] = []
+    try:
+        with engine.connect() as locker:
+            locker.execute(sa.text("BEGIN"))
+            locker.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+            holders = [threading.Thread(target=lambda: held.append(
+                httpx.get(live.url + "/hello/Busy", timeout=20).status_code)) for _ in range(2)]
+            for thread in holders:
+                thread.start()
+            time.sleep(0.5)  # both slots are taken by requests waiting on the lock
+            started = time.monotonic()
+            rejected = httpx.get(live.url + "/hello/Busy", timeout=20)
+            elapsed = time.monotonic() - started
+            ready = httpx.get(live.url + "/readyz", timeout=5).status_code
+            locker.execute(sa.text("ROLLBACK"))
+        for thread in holders:
+            thread.join(timeout=20)
+    finally:
+        engine.dispose()
+        live.stop()
+    assert rejected.status_code == 503 and elapsed < 0.5
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["type"].endswith("overloaded")
+    assert ready == 200  # probes are never refused
+    assert held == [200, 200]  # the requests in flight finished

@@ -36,6 +36,8 @@ def test_every_variable_is_read():
         "HOST": "127.0.0.1", "PORT": "9000", "LOG_LEVEL": "debug", "LOG_FORMAT": "JSON",
         "DB_POOL_SIZE": "4", "DB_POOL_TIMEOUT": "1.5", "DB_STATEMENT_TIMEOUT": "3",
         "SHUTDOWN_DRAIN_SECONDS": "5", "GOOGLE_CLOUD_PROJECT": "proj",
+        "BODY_READ_TIMEOUT": "2.5", "KEEP_ALIVE_SECONDS": "620",
+        "MAX_CONCURRENT_REQUESTS": "50", "FORWARDED_HOPS": "2",
     })
     assert (settings.host, settings.port, settings.log_level, settings.log_format) == (
         "127.0.0.1", 9000, "DEBUG", "json")
@@ -44,6 +46,8 @@ def test_every_variable_is_read():
     assert settings.shutdown_drain_seconds == 5.0
     assert settings.google_cloud_project == "proj"
     assert settings.db_call_timeout == 4.5
+    assert (settings.body_read_timeout, settings.keep_alive_seconds) == (2.5, 620.0)
+    assert (settings.max_concurrent_requests, settings.forwarded_hops) == (50, 2)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +55,8 @@ def test_every_variable_is_read():
     [("PORT", "eighty"), ("PORT", "0"), ("PORT", "70000"), ("DB_POOL_SIZE", "0"),
      ("DB_POOL_TIMEOUT", "-1"), ("DB_STATEMENT_TIMEOUT", "nan"), ("SHUTDOWN_DRAIN_SECONDS", "x"),
      ("LOG_LEVEL", "LOUD"), ("LOG_FORMAT", "xml"), ("DATABASE_URL", "mysql://db/app"),
-     ("DATABASE_URL", "not a url"), ("DATABASE_URL", "sqlite://relative.db")],
+     ("DATABASE_URL", "not a url"), ("DATABASE_URL", "sqlite://relative.db"),
+     ("KEEP_ALIVE_SECONDS", "0"), ("MAX_CONCURRENT_REQUESTS", "-1"), ("FORWARDED_HOPS", "x")],
 )
 def test_a_bad_value_is_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):

@@ -1,0 +1,124 @@
+"""Hostile and unusual input (../shared/API.md, Rules and Errors): a clear 400
+or 404, nothing stored, nothing unbounded echoed or logged. Both backends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from app.logging import configure_logging
+from app.main import create_app
+from app.proxy import client_address
+from tests.conftest import make_settings
+from tests.test_api import PUT_HEADERS, assert_problem
+from tests.test_logging import lines, log_stream  # noqa: F401  (fixture)
+
+DOCUMENT = '{"dateOfBirth": "1990-03-03"}'
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be", "latin-1"])
+def test_a_body_in_another_encoding_is_invalid_json(client, encoding):
+    body = '{"dateOfBirth": "1990-03-03", "note": "Zoë"}'.encode(encoding)
+    response = client.put("/hello/enc", content=body, headers=PUT_HEADERS)
+    assert_problem(response, 400, "invalid-json")
+    assert client.get("/hello/enc").status_code == 404
+
+
+def test_a_utf8_body_with_non_ascii_is_accepted(client):
+    body = '{"dateOfBirth": "1990-03-03", "note": "Zoë"}'.encode()
+    assert client.put("/hello/enc", content=body, headers=PUT_HEADERS).status_code == 204
+
+
+@pytest.mark.parametrize("body", [
+    '{"dateOfBirth": "2999-01-01", "dateOfBirth": "1990-03-03"}',
+    '{"dateOfBirth": "1990-03-03", "dateOfBirth": "1990-03-03"}',
+    '{"dateOfBirth": "1990-03-03", "x": {"a": 1, "a": 2}}',
+])
+def test_a_member_named_twice_is_400_and_nothing_is_stored(client, body):
+    response = client.put("/hello/dup", content=body.encode(), headers=PUT_HEADERS)
+    detail = assert_problem(response, 400, "invalid-json")["detail"]
+    assert "twice" in detail
+    assert client.get("/hello/dup").status_code == 404
+
+
+def test_tz_given_twice_is_400(client):
+    client.put("/hello/zed", content=DOCUMENT.encode(), headers=PUT_HEADERS)
+    response = client.get("/hello/zed?tz=UTC&tz=Asia/Tokyo")
+    assert_problem(response, 400, "repeated-time-zone")
+    put = client.put("/hello/zod?tz=UTC&tz=UTC", content=DOCUMENT.encode(), headers=PUT_HEADERS)
+    assert_problem(put, 400, "repeated-time-zone")
+    assert client.get("/hello/zod").status_code == 404
+
+
+def test_a_greeting_is_not_stored_by_caches(client):
+    client.put("/hello/priv", content=DOCUMENT.encode(), headers=PUT_HEADERS)
+    assert client.get("/hello/priv").headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize("path", ["/hello/alice/", "/hello/alice//", "/healthz/", "/readyz/",
+                                  "/openapi.json/"])
+def test_a_trailing_slash_is_404_on_every_path(client, path):
+    client.put("/hello/alice", content=DOCUMENT.encode(), headers=PUT_HEADERS)
+    for method in ("GET", "PUT", "DELETE"):
+        if method != "GET" and not path.startswith("/hello/"):
+            continue
+        response = client.request(method, path, content=DOCUMENT.encode(),
+                                  headers=PUT_HEADERS)
+        assert_problem(response, 404, "not-found")
+    assert client.get("/hello/alice").status_code == 200  # the DELETE above touched nothing
+
+
+def test_an_empty_username_is_still_400(client):
+    assert_problem(client.get("/hello/"), 400, "invalid-username")
+
+
+def test_a_huge_username_is_neither_echoed_nor_logged_whole(
+        sqlite_url, clock, log_stream):  # noqa: F811
+    settings = make_settings(sqlite_url, log_format="json")
+    configure_logging(settings, log_stream)
+    name = "a" * 65_000
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        response = client.get(f"/hello/{name}")
+    body = assert_problem(response, 400, "invalid-username")
+    assert "instance" not in body and len(response.content) < 1000
+    # The service's own lines (the test client's HTTP library logs too).
+    ours = [line for line in log_stream.getvalue().splitlines() if '"logger":"app' in line]
+    access = [line for line in ours if "httpRequest" in line]
+    assert len(access) == 1 and "(65007 characters)" in access[0]
+    assert max(len(line) for line in ours) < 2000
+
+
+def test_a_usual_path_is_echoed_as_instance(client):
+    assert assert_problem(client.get("/hello/nobody"), 404)["instance"] == "/hello/nobody"
+
+
+# --- the client address behind the platform's proxies -------------------------------------
+
+@pytest.mark.parametrize("header, hops, expected", [
+    (None, 2, "10.0.0.9"),                                  # not through the platform
+    ("198.51.100.7, 203.0.113.1", 2, "198.51.100.7"),       # Google LB: client, LB
+    ("6.6.6.6, 198.51.100.7, 203.0.113.1", 2, "198.51.100.7"),  # forged entry ignored
+    ("6.6.6.6, 198.51.100.7", 0, "10.0.0.9"),               # trust nothing
+    ("198.51.100.7", 2, "10.0.0.9"),                        # fewer entries than hops
+    ("6.6.6.6, 198.51.100.7", 1, "198.51.100.7"),
+])
+def test_client_address_is_taken_from_the_right(header, hops, expected):
+    assert client_address(header, "10.0.0.9", hops) == expected
+
+
+def test_the_access_log_never_trusts_a_forged_left_most_entry(sqlite_url, clock, log_stream):  # noqa: F811,E501
+    settings = make_settings(sqlite_url, log_format="json", forwarded_hops=2)
+    configure_logging(settings, log_stream)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        client.get("/healthz", headers={"x-forwarded-for": "6.6.6.6, 198.51.100.7, 203.0.113.1"})
+    access = [line for line in lines(log_stream) if "httpRequest" in line]
+    assert access[0]["httpRequest"]["remoteIp"] == "198.51.100.7"
+
+
+def test_bodies_are_still_json_objects(client):
+    response = client.put("/hello/arr", content=json.dumps([1]).encode(), headers=PUT_HEADERS)
+    assert_problem(response, 400, "invalid-json")
