@@ -9,9 +9,10 @@ def client_address(forwarded_for: str | None, peer: str, hops: int) -> str:
     Each proxy appends the address it received the request from, so only the
     right-most ``hops`` entries were written by infrastructure; anything to
     their left came from the client and can say anything. The Google load
-    balancer appends two (client, then its own address), as does Cloud Run's
-    front end. With ``hops`` 0, or a header shorter than that (the request did
-    not come through the platform), the TCP peer is the answer.
+    balancer (GKE Ingress) appends two: the client, then its own address.
+    Cloud Run's front end appends one, the client. With ``hops`` 0, or a header
+    shorter than that (the request did not come through the platform), the
+    TCP peer is the answer.
     """
     if hops <= 0 or not forwarded_for:
         return peer

@@ -42,7 +42,7 @@ class Settings:
     max_concurrent_requests: int = 100
     # How many X-Forwarded-For entries, counted from the right, the platform's
     # own proxies added: the client address is the left-most of those. 0 trusts
-    # no header and logs the TCP peer (Cloud Run and the Google load balancer: 2).
+    # no header and logs the TCP peer. Cloud Run: 1; the Google load balancer: 2.
     forwarded_hops: int = 0
 
     @property

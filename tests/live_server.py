@@ -42,6 +42,25 @@ def wait_ready(url: str, timeout: float, is_alive=lambda: True, interval: float 
     raise NotReady(f"not ready within {timeout}s")
 
 
+def kubelet_probe(url: str, probe: dict, timeout_budget: float) -> float:
+    """Probe as the kubelet does: every periodSeconds, each with timeoutSeconds,
+    success on a 2xx/3xx; fail after failureThreshold misses. Seconds taken."""
+    started = time.monotonic()
+    misses = 0
+    while True:
+        try:
+            status = httpx.get(url + probe["httpGet"]["path"],
+                               timeout=probe["timeoutSeconds"]).status_code
+            if 200 <= status < 400:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        misses += 1
+        assert misses < probe["failureThreshold"], f"{probe['httpGet']['path']} failed"
+        assert time.monotonic() - started < timeout_budget
+        time.sleep(probe["periodSeconds"])
+
+
 class LiveServer:
     def __init__(self, database_url: str, cwd: Path = ROOT, **env: str) -> None:
         """``cwd``: the checkout whose ``app`` package runs (another release's, say)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,38 @@ def test_port_and_probes_agree_with_the_app(container):
     assert startup["httpGet"]["path"] == "/readyz" and "/readyz" in paths
     assert liveness["httpGet"]["path"] == "/healthz" and "/healthz" in paths
     assert startup["httpGet"]["port"] == liveness["httpGet"]["port"] == Settings.port
+
+
+@pytest.mark.slow
+def test_a_rolled_back_revision_becomes_ready_on_a_schema_one_migration_ahead(
+        container, postgres_server, tmp_path):
+    """The printed rollback sends traffic to the previous revision, whose new
+    instances start on the schema the deploy migrated. With the service's own
+    env and startup probe, they start, pass it and serve."""
+    from tests.conftest import migrate
+    from tests.live_server import free_port, kubelet_probe
+    from tests.test_releases import exercise, migrate_one_ahead, previous_release
+
+    url = postgres_server.create_database()
+    migrate(url)
+    migrate_one_ahead(url, tmp_path)
+    port = free_port()
+    env = {name: item["value"] for name, item in env_of(container).items() if "value" in item}
+    env = {**os.environ, **env, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-m", "app"], env=env,
+                               cwd=previous_release(tmp_path) or ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    class Live:
+        url = f"http://127.0.0.1:{port}"
+
+    try:
+        kubelet_probe(Live.url, container["startupProbe"], 60)
+        kubelet_probe(Live.url, container["livenessProbe"], 60)
+        exercise(Live, "Rolledback")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
 
 
 def test_resources_are_limited(container):

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,12 +83,77 @@ def test_probes_use_the_apps_paths(docs):
 
     paths = {route.path for route in create_app(Settings(database_url="sqlite:///x")).routes}
     container = app_container(docs)
-    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    probed = {container[probe]["httpGet"]["path"]
+              for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probed <= paths
+    # Traffic is gated on the database-backed check; restarts never are.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert {"/readyz", "/healthz"} <= paths
     port = container["ports"][0]
     assert port["containerPort"] == Settings.port and port["name"] == "http"
+
+
+def test_readiness_survives_one_slow_check_and_the_drain_covers_it(docs):
+    readiness = app_container(docs)["readinessProbe"]
+    drain = int(find(docs, "ConfigMap")["data"]["SHUTDOWN_DRAIN_SECONDS"])
+    assert readiness["failureThreshold"] >= 2
+    assert readiness["timeoutSeconds"] > 1  # /readyz answers within 1 s under any load
+    # A draining pod keeps serving until its probe has failed long enough to
+    # take it out of the Service.
+    assert drain >= readiness["periodSeconds"] * readiness["failureThreshold"]
+
+
+def test_a_drain_shorter_than_the_probe_window_is_refused():
+    result = template("--set", "shutdown.drainSeconds=4")
+    assert result.returncode != 0 and "must cover the readiness probe" in result.stderr
+
+
+def test_keep_alive_outlasts_the_google_load_balancer(docs):
+    config = find(docs, "ConfigMap")["data"]
+    assert float(config["KEEP_ALIVE_SECONDS"]) > 600  # the balancer keeps backends 600 s
+    assert int(config["FORWARDED_HOPS"]) == 2  # client, then the balancer itself
+
+
+@pytest.mark.slow
+def test_a_rolled_back_pod_becomes_ready_on_a_schema_one_migration_ahead(
+        postgres_server, tmp_path):
+    """helm rollback and --atomic's rollback start the previous release's pods
+    after the new release migrated; with the chart's own probes and config,
+    they start, become ready and serve. The migration hook of the previous
+    release, if it runs again (ArgoCD), succeeds and changes nothing."""
+    from tests.conftest import migrate
+    from tests.live_server import free_port, kubelet_probe
+    from tests.test_releases import exercise, migrate_one_ahead, previous_release
+
+    docs = render()
+    container = app_container(docs)
+    job = find(docs, "Job", "-migrate")
+    config = find(docs, "ConfigMap")["data"]
+    url = postgres_server.create_database()
+    migrate(url)
+    migrate_one_ahead(url, tmp_path)
+    code = previous_release(tmp_path) or ROOT
+    port = free_port()
+    env = {**os.environ, **config, "DATABASE_URL": url, "PORT": str(port),
+           "HOST": "127.0.0.1"}
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    hook = subprocess.run([sys.executable, "-m", *command], cwd=code, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert hook.returncode == 0, hook.stdout + hook.stderr
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=code, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        kubelet_probe(base, container["startupProbe"], 60)
+        kubelet_probe(base, container["readinessProbe"], 60)
+        kubelet_probe(base, container["livenessProbe"], 60)
+
+        class Live:
+            url = base
+        exercise(Live, "Rollback")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
 
 
 def test_grace_period_outlasts_drain_and_request_timeout(docs):
