@@ -54,14 +54,22 @@ _TZ = {
     "name": "tz",
     "in": "query",
     "required": False,
-    "description": "IANA time zone that defines today (default UTC), e.g. Asia/Tokyo.",
+    "description": "IANA time zone that defines today (default UTC), e.g. Asia/Tokyo. "
+    "Given more than once: 400.",
     "schema": {"type": "string"},
 }
 
 _COMMON_ERRORS = {
-    "400": _problem("Invalid username, unknown tz, or a body that is not a JSON object."),
+    "400": _problem(
+        "Invalid username, unknown or repeated tz, or a body that is not UTF-8 JSON, not an "
+        "object, or names a member twice."
+    ),
     "405": _problem("Method not allowed on this path.", _ALLOW),
-    "503": _problem("The database is unreachable or timed out.", _RETRY_AFTER),
+    "503": _problem(
+        "The database cannot do the work now (unreachable, timing out, restarting, read-only), "
+        "or the server is at its concurrency limit.",
+        _RETRY_AFTER,
+    ),
 }
 
 
@@ -92,6 +100,7 @@ def build_document() -> dict:
                     "responses": {
                         "204": {"description": "Saved."},
                         **_COMMON_ERRORS,
+                        "404": _problem("No resource at this path (a trailing slash)."),
                         "408": _problem("The body did not arrive within BODY_READ_TIMEOUT."),
                         "413": _problem(f"Body larger than {MAX_BODY_BYTES} bytes."),
                         "415": _problem("Content-Type is not application/json."),
@@ -108,6 +117,12 @@ def build_document() -> dict:
                     "responses": {
                         "200": {
                             "description": "The greeting.",
+                            "headers": {
+                                "Cache-Control": {
+                                    "description": "no-store: the greeting is personal data.",
+                                    "schema": {"type": "string", "const": "no-store"},
+                                }
+                            },
                             "content": {
                                 "application/json": {
                                     "schema": {"$ref": "#/components/schemas/Greeting"}
@@ -144,7 +159,7 @@ def build_document() -> dict:
             "/readyz": {
                 "get": {
                     "operationId": "readiness",
-                    "summary": "Readiness: the database answers, its schema at the migration head.",
+                    "summary": "Readiness: the schema seen at this release's head or newer.",
                     "responses": {
                         "200": {
                             "description": "Ready.",
@@ -152,7 +167,8 @@ def build_document() -> dict:
                         },
                         "405": _problem("Method not allowed.", _ALLOW),
                         "503": _problem(
-                            "Not ready: database down, schema behind, or shutting down.",
+                            "Not ready: the schema not seen yet or older than this release "
+                            "needs, or shutting down.",
                             _RETRY_AFTER,
                         ),
                     },
