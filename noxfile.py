@@ -26,7 +26,8 @@ SAFETY_LOCK = str(REQ / "safety.txt")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
-GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "container", "ci-config"]
+GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "cloudrun", "container",
+         "ci-config", "sbom"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -65,6 +66,7 @@ def tests(session: nox.Session) -> None:
         "--cov-report=xml:build/coverage.xml",
         "--junitxml=build/junit.xml",
         "--ignore=tests/test_helm.py",  # run by `nox -s helm`, which provides helm
+        "--ignore=tests/cloud",  # run by `nox -s cloudrun`, in a network namespace
         *session.posargs,
         env=test_database_env(),
     )
@@ -167,7 +169,7 @@ def lock(session: nox.Session) -> None:
               "--no-emit-index-url", "--no-emit-find-links", *session.posargs]
     session.run(*common, "-o", MAIN_LOCK, "pyproject.toml")
     # In this order: tools.in and fuzz.in are constrained by main.txt and dev.txt.
-    for name in ("dev", "tools", "fuzz", "safety", "nox"):
+    for name in ("dev", "tools", "fuzz", "safety", "nox", "sbom"):
         session.run(*common, "-o", str(REQ / f"{name}.txt"), str(REQ / f"{name}.in"))
 
 
@@ -256,6 +258,43 @@ def container(session: nox.Session) -> None:
     session.run("hadolint", "Dockerfile")
     session.run("python", "-m", "tests.container_smoke", *session.posargs,
                 env=test_database_env())
+
+
+# PostgreSQL over its Unix socket: a network namespace has a loopback of its own.
+DEFAULT_SOCKET_DATABASE_URL = "postgresql://postgres@/test?host=/var/run/postgresql"
+
+
+@nox.session
+def cloudrun(session: nox.Session) -> None:
+    """cloudrun/deploy.sh end to end, and the manifests through gcloud's parser: the real
+    gcloud against tests/cloud's stand-in of the Google APIs, offline, in a private
+    network namespace (needs gcloud, root and unshare; says why when it cannot run)."""
+    import shutil
+
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        session.error("gcloud is not installed (google-cloud-cli): this session runs the real "
+                      "CLI and has no fallback. CircleCI's gcp-cli orb installs it.")
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        session.error("needs root and unshare(1) for a private network namespace "
+                      "(on CircleCI: the machine executor, with sudo)")
+    session.log(f"gcloud: {gcloud}")
+    url = os.environ.get("CLOUDRUN_TEST_DATABASE_URL", DEFAULT_SOCKET_DATABASE_URL)
+    session.run("unshare", "-m", "-n", "bash", "tests/cloud/netns.sh",
+                "python", "-m", "pytest", "-p", "no:cacheprovider", "tests/cloud",
+                *session.posargs, env={"TEST_DATABASE_URL": url}, external=True)
+
+
+@nox.session
+def sbom(session: nox.Session) -> None:
+    """A CycloneDX SBOM of the locked runtime dependencies: build/sbom.cdx.json (a CI artefact),
+    checked to list every package of requirements/main.txt."""
+    install_locked(session, str(REQ / "sbom.txt"))
+    out = ROOT / "build" / "sbom.cdx.json"
+    out.parent.mkdir(exist_ok=True)
+    session.run("cyclonedx-py", "requirements", MAIN_LOCK, "--of", "JSON", "-o", str(out))
+    session.run("python", "-m", "tests.sbom_check", str(out), MAIN_LOCK)
 
 
 @nox.session(name="ci-config")

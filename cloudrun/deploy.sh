@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
-# Deploy hello-birthday to Cloud Run, safely and repeatably:
-#   1. on-demand Cloud SQL backup, waited for
-#   2. migration job (same image) applied and executed, waited for
-#   3. new revision deployed with no traffic, under a revision tag
-#   4. smoke test of the tagged URL (/readyz, a GET)
-#   5. traffic shifted to the new revision, in steps
-#   6. the rollback command printed
-# Any failing step stops the script before traffic moves (set -e).
+# Deploy hello-birthday to Cloud Run, safely, and safe to re-run after a
+# failure at any step (tests/cloud/test_deploy.py runs every such case with the
+# real gcloud against a local stand-in of the Google APIs):
+#   1. find the revision that serves now, by its traffic percent
+#   2. on-demand Cloud SQL backup, waited for
+#   3. migration job (same image) applied and executed, waited for
+#   4. the new revision deployed under a tag with 0 %: all traffic stays on
+#      the serving revision (a split left by an interrupted run is undone)
+#   5. smoke test of the tagged URL with an ID token of the deployer
+#   6. the invoker policy set: public (allUsers) or private
+#   7. traffic moved in steps, the tagged URL checked between them; a failed
+#      check puts 100 % back on the previous revision and fails
+#   8. the rollback command printed
+# A failure before step 7 leaves the traffic where it was.
 #
 # Required: PROJECT_ID REGION SERVICE IMAGE (an immutable ...@sha256: reference)
 #           CLOUDSQL_INSTANCE (project:region:instance) DATABASE_URL_SECRET
-#           RUNTIME_SERVICE_ACCOUNT
+#           RUNTIME_SERVICE_ACCOUNT DEPLOYER_SERVICE_ACCOUNT (mints the smoke
+#           test's ID token: the OIDC credential of CircleCI's orb cannot)
 # Optional: TRAFFIC_STEPS (default "100", e.g. "10 50 100"), STEP_PAUSE_SECONDS
-#           (default 60), REVISION_TAG (default built from the image digest)
+#           (default 60), INVOKER (public, the default: anonymous API clients;
+#           or private: callers need roles/run.invoker and an ID token),
+#           REVISION_TAG (default built from the image digest)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 : "${PROJECT_ID:?}" "${REGION:?}" "${SERVICE:?}" "${IMAGE:?}" "${CLOUDSQL_INSTANCE:?}"
-: "${DATABASE_URL_SECRET:?}" "${RUNTIME_SERVICE_ACCOUNT:?}"
+: "${DATABASE_URL_SECRET:?}" "${RUNTIME_SERVICE_ACCOUNT:?}" "${DEPLOYER_SERVICE_ACCOUNT:?}"
 TRAFFIC_STEPS=${TRAFFIC_STEPS:-100}
 STEP_PAUSE_SECONDS=${STEP_PAUSE_SECONDS:-60}
+INVOKER=${INVOKER:-public}
 
+fail() { echo "deploy: $*" >&2; exit 1; }
 case "$IMAGE" in
   *@sha256:*) ;;
   *) echo "deploy: IMAGE must be an immutable reference (…@sha256:<digest>), got $IMAGE" >&2
      exit 2 ;;
+esac
+case "$INVOKER" in
+  public|private) ;;
+  *) echo "deploy: INVOKER must be public or private, got $INVOKER" >&2; exit 2 ;;
 esac
 digest=${IMAGE##*@sha256:}
 REVISION_TAG=${REVISION_TAG:-d${digest:0:12}}
@@ -40,30 +55,67 @@ render() {  # substitute only our own variables, never anything else in the file
 workdir=$(mktemp -d)
 trap 'rm -rf "$workdir"' EXIT
 
-step "1/6 backing up Cloud SQL instance $SQL_INSTANCE"
+describe() {  # the service as JSON, "[]" when it does not exist; any other error fails
+  gc run services list --region="$REGION" --filter="metadata.name=$SERVICE" --format=json
+}
+# The revision holding the most traffic, other than $REVISION; empty if none.
+# gcloud lists traffic entries sorted by revision name, so position means
+# nothing: only the percent says which revision serves.
+serving_revision() {
+  python3 -c 'import json, sys
+services = json.load(sys.stdin)
+percents = {}
+for service in services:
+    for target in service.get("status", {}).get("traffic", []):
+        name = target.get("revisionName")
+        percents[name] = percents.get(name, 0) + int(target.get("percent") or 0)
+others = sorted(((p, n) for n, p in percents.items() if n != sys.argv[1] and p > 0), reverse=True)
+print(others[0][1] if others else "")' "$REVISION"
+}
+field() {  # field NAME: status.url, or the URL of our tag
+  python3 -c 'import json, sys
+service = json.load(sys.stdin)[0]
+if sys.argv[1] == "url":
+    print(service["status"]["url"])
+else:
+    print(next(t["url"] for t in service["status"]["traffic"] if t.get("tag") == sys.argv[2]))
+' "$@"
+}
+
+step "1/8 finding the serving revision of $SERVICE in $REGION"
+state=$(describe) || fail "cannot read service $SERVICE in $PROJECT_ID/$REGION (permissions, project or region?); nothing was changed"
+previous=$(serving_revision <<<"$state")
+if [ "$state" = "[]" ]; then
+  echo "no service $SERVICE yet: first deploy"
+elif [ -n "$previous" ]; then
+  echo "serving: $previous"
+else
+  echo "$REVISION already holds all traffic: re-checking it"
+fi
+
+step "2/8 backing up Cloud SQL instance $SQL_INSTANCE"
 gc sql backups create --instance="$SQL_INSTANCE" --description="before deploying $REVISION"
 
-step "2/6 migrating the schema with $IMAGE"
+step "3/8 migrating the schema with $IMAGE"
 render "$here/migrate-job.yaml" >"$workdir/migrate-job.yaml"
 gc run jobs replace "$workdir/migrate-job.yaml" --region="$REGION"
 gc run jobs execute "${SERVICE}-migrate" --region="$REGION" --wait
 
-step "3/6 deploying revision $REVISION with no traffic"
-current=$(gc run services describe "$SERVICE" --region="$REGION" \
-  --format='value(status.traffic[0].revisionName)' 2>/dev/null || true)
+step "4/8 deploying revision $REVISION with no traffic"
 render "$here/service.yaml" >"$workdir/service.yaml"
-if [ -n "$current" ] && [ "$current" != "$REVISION" ]; then
-  # Keep every request on the serving revision; the new one is reachable by tag only.
+if [ -n "$previous" ]; then
+  # Every request stays on the serving revision; the new one is reachable by tag only.
   cat >>"$workdir/service.yaml" <<YAML
   traffic:
-    - revisionName: $current
+    - revisionName: $previous
       percent: 100
     - revisionName: $REVISION
       tag: $REVISION_TAG
       percent: 0
 YAML
 else
-  # First deploy (or a re-run for the revision already serving): nothing to protect.
+  # First deploy (or a re-run for the revision already serving). On a first
+  # deploy nobody can call it yet: the invoker policy is set after the smoke test.
   cat >>"$workdir/service.yaml" <<YAML
   traffic:
     - revisionName: $REVISION
@@ -72,39 +124,59 @@ else
 YAML
 fi
 gc run services replace "$workdir/service.yaml" --region="$REGION"
+state=$(describe)
+service_url=$(field url <<<"$state")
+tagged_url=$(field tag "$REVISION_TAG" <<<"$state")
 
-step "4/6 smoke-testing the tagged URL"
-tagged_url=$(gc run services describe "$SERVICE" --region="$REGION" --format=json |
-  python3 -c 'import json, sys
-tag = sys.argv[1]
-print(next(t["url"] for t in json.load(sys.stdin)["status"]["traffic"] if t.get("tag") == tag))
-' "$REVISION_TAG")
-token=$(gcloud auth print-identity-token)
-smoke() { curl --fail-with-body --silent --show-error --max-time 10 --retry 5 --retry-all-errors \
-  -H "Authorization: Bearer $token" "$@"; }
-smoke "$tagged_url/readyz" >/dev/null
-status=$(curl --silent --output /dev/null --write-out '%{http_code}' --max-time 10 \
-  -H "Authorization: Bearer $token" "$tagged_url/hello/Smoketest")
-case "$status" in
-  200|404) echo "GET /hello/Smoketest -> $status" ;;
-  *) echo "deploy: smoke GET answered $status; traffic stays on ${current:-nothing}" >&2; exit 1 ;;
-esac
+step "5/8 smoke-testing $tagged_url"
+# An ID token for the service's URL, minted for the deployer's service account.
+# CircleCI's OIDC credential (external account) cannot mint one itself.
+token=$(gcloud --project="$PROJECT_ID" auth print-identity-token \
+  --impersonate-service-account="$DEPLOYER_SERVICE_ACCOUNT" --audiences="$service_url")
+check() {  # the tagged revision answers /readyz and a GET
+  curl --fail --silent --show-error --max-time 10 --retry 4 --retry-delay 2 --retry-all-errors \
+    -H "Authorization: Bearer $token" "$tagged_url/readyz" >/dev/null || return 1
+  local status
+  status=$(curl --silent --output /dev/null --write-out '%{http_code}' --max-time 10 \
+    -H "Authorization: Bearer $token" "$tagged_url/hello/Smoketest") || return 1
+  case "$status" in
+    200|404) return 0 ;;
+    *) echo "GET /hello/Smoketest answered $status" >&2; return 1 ;;
+  esac
+}
+check || fail "smoke test of $REVISION failed; traffic stays on ${previous:-nothing} (no new revision serves)"
 
-step "5/6 shifting traffic to $REVISION: $TRAFFIC_STEPS"
-if [ -n "$current" ] && [ "$current" != "$REVISION" ]; then
+step "6/8 invoker policy: $INVOKER"
+if [ "$INVOKER" = public ]; then
+  gc run services add-iam-policy-binding "$SERVICE" --region="$REGION" \
+    --member=allUsers --role=roles/run.invoker >/dev/null
+else
+  if gc run services get-iam-policy "$SERVICE" --region="$REGION" --format=json |
+      grep -q '"allUsers"'; then
+    gc run services remove-iam-policy-binding "$SERVICE" --region="$REGION" \
+      --member=allUsers --role=roles/run.invoker >/dev/null
+  fi
+fi
+
+step "7/8 shifting traffic to $REVISION: $TRAFFIC_STEPS"
+if [ -n "$previous" ]; then
   for percent in $TRAFFIC_STEPS; do
     gc run services update-traffic "$SERVICE" --region="$REGION" --to-revisions="$REVISION=$percent"
     if [ "$percent" != 100 ]; then
       sleep "$STEP_PAUSE_SECONDS"
-      smoke "$tagged_url/readyz" >/dev/null
+      if ! check; then
+        echo "deploy: $REVISION failed its check at $percent %: putting 100 % back on $previous" >&2
+        gc run services update-traffic "$SERVICE" --region="$REGION" --to-revisions="$previous=100"
+        fail "rolled back to $previous after a failed check at $percent %"
+      fi
     fi
   done
 fi
 
-step "6/6 done"
-if [ -n "$current" ] && [ "$current" != "$REVISION" ]; then
+step "8/8 done"
+if [ -n "$previous" ]; then
   echo "Roll back with:"
-  echo "  gcloud run services update-traffic $SERVICE --project=$PROJECT_ID --region=$REGION --to-revisions=$current=100"
+  echo "  gcloud run services update-traffic $SERVICE --project=$PROJECT_ID --region=$REGION --to-revisions=$previous=100"
 else
-  echo "First revision: nothing to roll back to. Restore data with the backup taken in step 1."
+  echo "First revision: nothing to roll back to. Restore data with the backup taken in step 2."
 fi

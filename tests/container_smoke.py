@@ -96,13 +96,18 @@ def ensure_base(name: str) -> bool:
 
 def build(base: str) -> None:
     revision = run("git", "rev-parse", "HEAD", capture=True, check=False).stdout.strip()
+    # CircleCI builds the image it will push here, once: the digest-pinned base
+    # (PYTHON_IMAGE) and its release tag (IMAGE_VERSION); the job saves it.
+    version = os.environ.get("IMAGE_VERSION", "smoke")
     if DOCKER:
-        run("docker", "build", "--build-arg", "VERSION=smoke",
+        pinned = os.environ.get("PYTHON_IMAGE")
+        run("docker", "build", *(["--build-arg", f"PYTHON_IMAGE={pinned}"] if pinned else []),
+            "--build-arg", f"VERSION={version}",
             "--build-arg", f"REVISION={revision or 'unknown'}", "-t", IMAGE, str(ROOT))
         return
     run("buildah", *STORAGE, "bud", "--isolation", "chroot", "--pull-never", "--layers",
         "--network", "host", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
-        "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", "VERSION=smoke",
+        "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", f"VERSION={version}",
         "--build-arg", f"REVISION={revision or 'unknown'}", "-t", IMAGE, str(ROOT))
 
 

@@ -135,3 +135,32 @@ def test_caches_are_keyed_on_the_lock_files_and_no_secret_is_inline():
     text = (ROOT / ".circleci" / "config.yml").read_text()
     assert 'checksum "/tmp/locks.sha256"' in text and "requirements/*.txt" in text
     assert not re.search(r"(?i)(password|secret|token|private_key)\s*[:=]\s*\S", text)
+
+
+def job_commands(name: str) -> str:
+    return "\n".join(str(step["run"]["command"] if isinstance(step.get("run"), dict)
+                         else step.get("run", ""))
+                     for step in CONFIG["jobs"][name]["steps"] if isinstance(step, dict))
+
+
+def test_the_pushed_image_is_the_tested_one_never_a_rebuild():
+    assert "docker build" not in job_commands("build-push")
+    assert "docker load" in job_commands("build-push")
+    assert "docker save" in job_commands("container")
+    persisted = [step["persist_to_workspace"] for step in CONFIG["jobs"]["container"]["steps"]
+                 if isinstance(step, dict) and "persist_to_workspace" in step]
+    assert persisted and "image.tar" in persisted[0]["paths"]
+    # Built on the base the Dockerfile names, resolved to a digest first.
+    commands = job_commands("container")
+    assert "RepoDigests" in commands and "export PYTHON_IMAGE=" in commands
+    assert commands.index("PYTHON_IMAGE") < commands.index("nox --non-interactive -s container")
+
+
+def test_deploys_are_serialised_in_pipeline_order():
+    entries = {}
+    for entry in CONFIG["workflows"]["gates-build-deploy"]["jobs"]:
+        if isinstance(entry, dict):
+            (name, config), = entry.items()
+            entries[name] = config
+    groups = {entries[job].get("serial-group") for job in ("deploy-cloudrun", "deploy-gke")}
+    assert len(groups) == 1 and None not in groups

@@ -1,0 +1,49 @@
+"""cloudrun/*.yaml through gcloud's own parser (its API messages), offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.cloud.standin import which_gcloud
+from tests.conftest import ROOT
+
+VALUES = {
+    "PROJECT_ID": "p", "SERVICE": "hello-birthday", "REVISION": "hello-birthday-d0123",
+    "IMAGE": "europe-docker.pkg.dev/p/apps/hello-birthday@sha256:" + "a" * 64,
+    "CLOUDSQL_INSTANCE": "p:europe-west1:db", "DATABASE_URL_SECRET": "database-url",
+    "RUNTIME_SERVICE_ACCOUNT": "hello-birthday@p.iam.gserviceaccount.com",
+}
+
+
+def rendered(name: str, tmp_path, edit=lambda text: text) -> str:
+    text = (ROOT / "cloudrun" / name).read_text()
+    for key, value in VALUES.items():
+        text = text.replace("${" + key + "}", value)
+    target = tmp_path / name
+    target.write_text(edit(text))
+    return str(target)
+
+
+def replace(kind: str, path: str, tmp_path) -> subprocess.CompletedProcess:
+    """`gcloud run services|jobs replace` with no endpoint to reach (a network
+    namespace with nothing listening): parsing comes first."""
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+           "CLOUDSDK_AUTH_ACCESS_TOKEN": "offline", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+           "CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": "http://run.local.test:9/"}
+    return subprocess.run([which_gcloud(), "--project=p", "--quiet", "run", kind, "replace",
+                           path, "--region=europe-west1"],
+                          env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("kind, name", [("services", "service.yaml"),
+                                        ("jobs", "migrate-job.yaml")])
+def test_gclouds_parser_refuses_a_misspelled_field(kind, name, tmp_path):
+    """The parser is really in the path: the shipped files pass it in every
+    scenario of test_deploy.py (replaced through the stand-in); a misspelling
+    fails here before any request."""
+    bad = replace(kind, rendered(name, tmp_path, lambda t: t.replace(
+        "containers:", "containerz:", 1)), tmp_path)
+    assert bad.returncode != 0 and "Failed to parse" in bad.stderr, bad.stderr
