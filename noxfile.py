@@ -317,21 +317,47 @@ def deploy_cloudrun(session: nox.Session) -> None:
 
 @nox.session(name="deploy-gke")
 def deploy_gke(session: nox.Session) -> None:
-    """helm upgrade --install --atomic --wait with the image digest in IMAGE (repo@sha256:...).
+    """helm upgrade --install --atomic --wait with the image digest in IMAGE (repo@sha256:...),
+    then `helm test`; a failed test rolls the release back.
 
-    Needs kubectl credentials for the cluster; HELM_RELEASE, HELM_NAMESPACE and
-    HELM_VALUES (default helm/values/production.yaml) choose the release.
+    Needs kubectl credentials for the cluster; HELM_VALUES (required: the value set for
+    this cluster), HELM_RELEASE and HELM_NAMESPACE choose the release.
     """
     image = os.environ.get("IMAGE", "")
     if "@sha256:" not in image:
         session.error("IMAGE must be an immutable reference: <repository>@sha256:<digest>")
+    values = os.environ.get("HELM_VALUES")
+    if not values:
+        session.error("HELM_VALUES must name this cluster's value set (helm/values/production.yaml "
+                      "is a template with placeholder project names)")
     repository, digest = image.split("@", 1)
+    release = os.environ.get("HELM_RELEASE", "hello-birthday")
+    namespace = os.environ.get("HELM_NAMESPACE", "hello-birthday")
     helm_bin = ensure_helm(session)
-    session.run(
-        helm_bin, "upgrade", "--install", os.environ.get("HELM_RELEASE", "hello-birthday"),
-        "helm/hello-birthday", "--namespace", os.environ.get("HELM_NAMESPACE", "hello-birthday"),
-        "--create-namespace", "--atomic", "--wait", "--timeout", "10m",
-        "-f", os.environ.get("HELM_VALUES", "helm/values/production.yaml"),
-        "--set", f"image.repository={repository}", "--set", f"image.digest={digest}",
-        *session.posargs, external=True,
-    )
+    chosen = ["-f", values, "--set", f"image.repository={repository}",
+              "--set", f"image.digest={digest}", *session.posargs]
+    rendered = session.run(helm_bin, "template", release, "helm/hello-birthday",
+                           "--namespace", namespace, *chosen, external=True, silent=True)
+    session.run(helm_bin, "upgrade", "--install", release, "helm/hello-birthday",
+                "--namespace", namespace, "--create-namespace", "--atomic", "--wait",
+                "--timeout", f"{helm_timeout(rendered)}s", *chosen, external=True)
+    try:
+        session.run(helm_bin, "test", release, "--namespace", namespace, "--timeout", "5m",
+                    "--logs", external=True)
+    except nox.command.CommandFailed:
+        session.run(helm_bin, "rollback", release, "--namespace", namespace, "--wait",
+                    "--timeout", "10m", external=True)
+        session.error("helm test failed: rolled back to the previous revision")
+
+
+# Past the migration Job's own deadline, the pods' rollout gets this long.
+ROLLOUT_SECONDS = 300
+
+
+def helm_timeout(rendered: str) -> int:
+    """Helm's --timeout, derived from the rendered migration Job's activeDeadlineSeconds:
+    shorter, and --atomic would roll back while the migration carries on."""
+    import re
+
+    deadlines = [int(n) for n in re.findall(r"activeDeadlineSeconds: (\d+)", rendered)]
+    return max(deadlines, default=0) + ROLLOUT_SECONDS

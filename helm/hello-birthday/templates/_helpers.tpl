@@ -35,6 +35,13 @@ app.kubernetes.io/name: {{ include "hello-birthday.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The serving pods only: hook and test pods carry other components, so the
+Service, PodDisruptionBudget, anti-affinity and NetworkPolicy never count them. */}}
+{{- define "hello-birthday.serverSelectorLabels" -}}
+{{ include "hello-birthday.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
 {{- define "hello-birthday.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "hello-birthday.fullname" .) .Values.serviceAccount.name }}
