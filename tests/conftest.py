@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -104,6 +105,21 @@ def empty_postgres(postgres_url: str) -> str:
         connection.execute(sa.text("TRUNCATE users"))
     engine.dispose()
     return postgres_url
+
+
+@contextmanager
+def users_locked(url: str) -> Iterator[None]:
+    """A transaction holding ACCESS EXCLUSIVE on users while the block runs:
+    every statement of the service on that table waits behind it."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as locker:
+            locker.execute(sa.text("BEGIN"))
+            locker.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+            yield
+            locker.execute(sa.text("ROLLBACK"))
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from tests.conftest import users_locked
 from tests.live_server import LiveServer
 from tests.tcp_proxy import TcpProxy
 from tests.test_resilience import seed
@@ -180,24 +181,19 @@ def test_a_statement_timeout_keeps_the_connection(empty_postgres):
     (0.5 s later) cuts the socket, so the pooled connection survives."""
     seed(empty_postgres, Patient="1990-01-01")
     live = LiveServer(empty_postgres, DB_POOL_SIZE="1", DB_STATEMENT_TIMEOUT="0.5").start()
-    engine = sa.create_engine(empty_postgres, poolclass=sa.pool.NullPool)
     backends = ("SELECT pid FROM pg_stat_activity WHERE application_name = 'hello-birthday' "
                 "AND datname = current_database()")
     try:
         with httpx.Client(base_url=live.url, timeout=10) as client:
             assert client.get("/hello/Patient").status_code == 200
             before = admin(empty_postgres, backends)
-            with engine.connect() as locker:
-                locker.execute(sa.text("BEGIN"))
-                locker.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+            with users_locked(empty_postgres):
                 started = time.monotonic()
                 timed_out = client.get("/hello/Patient")
                 elapsed = time.monotonic() - started
-                locker.execute(sa.text("ROLLBACK"))
             assert client.get("/hello/Patient").status_code == 200
             after = admin(empty_postgres, backends)
     finally:
-        engine.dispose()
         live.stop()
     assert timed_out.status_code == 503 and timed_out.headers["retry-after"].isdigit()
     assert elapsed < 1.0

@@ -436,10 +436,14 @@ def noxfile_function(name: str):
     import ast
 
     tree = ast.parse((ROOT / "noxfile.py").read_text())
-    wanted = [node for node in tree.body if (isinstance(node, ast.FunctionDef) and
-                                            node.name == name) or
-              (isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") ==
-               "ROLLOUT_SECONDS")]
+
+    def wanted_node(node: ast.stmt) -> bool:
+        if isinstance(node, ast.FunctionDef):
+            return node.name == name
+        return isinstance(node, ast.Assign) and \
+            getattr(node.targets[0], "id", "") == "ROLLOUT_SECONDS"
+
+    wanted = [node for node in tree.body if wanted_node(node)]
     namespace: dict = {}
     exec(compile(ast.Module(body=wanted, type_ignores=[]), "noxfile.py", "exec"), namespace)
     return namespace[name]

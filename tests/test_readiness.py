@@ -19,7 +19,7 @@ from app.database import DatabaseUnavailable
 from app.health import Readiness
 from app.main import create_app
 from app.schema import HEAD, schema_verdict
-from tests.conftest import ROOT, make_settings, migrate
+from tests.conftest import ROOT, make_settings, migrate, users_locked
 from tests.live_server import LiveServer, free_port, wait_ready
 
 CHAIN = ("a1", "b2", "c3")
@@ -179,13 +179,9 @@ def test_readyz_answers_within_a_second_while_the_pool_is_saturated(empty_postgr
     /readyz reads the schema on its own connection and answers at once."""
     live = LiveServer(empty_postgres, DB_POOL_SIZE="1", DB_STATEMENT_TIMEOUT="4",
                       DB_POOL_TIMEOUT="3").start()
-    engine = sa.create_engine(empty_postgres, poolclass=sa.pool.NullPool)
     blocked: list[int] = []
     try:
-        with engine.connect() as locker:
-            locker.execute(sa.text("BEGIN"))
-            locker.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
-
+        with users_locked(empty_postgres):
             def stuck_request() -> None:
                 blocked.append(httpx.get(live.url + "/hello/Stuck", timeout=20).status_code)
 
@@ -200,11 +196,9 @@ def test_readyz_answers_within_a_second_while_the_pool_is_saturated(empty_postgr
                     status = client.get("/readyz").status_code
                     timings.append((status, time.monotonic() - started))
                     time.sleep(0.2)
-            locker.execute(sa.text("ROLLBACK"))
         for thread in requests:
             thread.join(timeout=20)
     finally:
-        engine.dispose()
         live.stop()
     assert all(status == 200 for status, _ in timings), timings
     assert max(elapsed for _, elapsed in timings) < 1.0, timings

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from tests.conftest import users_locked
 from tests.live_server import LiveServer
 from tests.tcp_proxy import TcpProxy
 
@@ -332,12 +333,9 @@ def test_overload_is_a_quick_503_not_a_queue(empty_postgres):
     seed(empty_postgres, Busy="1990-01-01")
     live = LiveServer(empty_postgres, MAX_CONCURRENT_REQUESTS="2", DB_POOL_SIZE="1",
                       DB_POOL_TIMEOUT="5", DB_STATEMENT_TIMEOUT="5").start()
-    engine = sa.create_engine(empty_postgres, poolclass=sa.pool.NullPool)
     held: list[int] = []
     try:
-        with engine.connect() as locker:
-            locker.execute(sa.text("BEGIN"))
-            locker.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+        with users_locked(empty_postgres):
             holders = [threading.Thread(target=lambda: held.append(
                 httpx.get(live.url + "/hello/Busy", timeout=20).status_code)) for _ in range(2)]
             for thread in holders:
@@ -347,11 +345,9 @@ def test_overload_is_a_quick_503_not_a_queue(empty_postgres):
             rejected = httpx.get(live.url + "/hello/Busy", timeout=20)
             elapsed = time.monotonic() - started
             ready = httpx.get(live.url + "/readyz", timeout=5).status_code
-            locker.execute(sa.text("ROLLBACK"))
         for thread in holders:
             thread.join(timeout=20)
     finally:
-        engine.dispose()
         live.stop()
     assert rejected.status_code == 503 and elapsed < 0.5
     assert rejected.headers["retry-after"] == "1"
