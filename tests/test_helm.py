@@ -453,3 +453,23 @@ def test_helm_waits_longer_than_the_migration_may_run(production):
     job = find(production, "Job", "-migrate")
     rendered = template(*VALUE_SETS["production"]).stdout
     assert noxfile_function("helm_timeout")(rendered) > job["spec"]["activeDeadlineSeconds"]
+
+
+def test_the_google_load_balancer_checks_readyz_and_drains_with_the_pods(production):
+    backend = find(production, "BackendConfig")
+    container = app_container(production)
+    readiness = container["readinessProbe"]
+    check = backend["spec"]["healthCheck"]
+    probed = (readiness["httpGet"]["path"], container["ports"][0]["containerPort"])
+    assert (check["requestPath"], check["port"]) == probed
+    drain = int(find(production, "ConfigMap")["data"]["SHUTDOWN_DRAIN_SECONDS"])
+    assert backend["spec"]["connectionDraining"]["drainingTimeoutSec"] == drain
+    service = find(production, "Service")
+    assert json.loads(service["metadata"]["annotations"]["cloud.google.com/backend-config"]) \
+        == {"default": backend["metadata"]["name"]}
+    ingress = find(production, "Ingress")["metadata"]["annotations"]
+    assert ingress["networking.gke.io/managed-certificates"] == \
+        find(production, "ManagedCertificate")["metadata"]["name"]
+    assert find(production, "FrontendConfig")["spec"]["redirectToHttps"]["enabled"]
+    default_kinds = {d["kind"] for d in render()}
+    assert not {"BackendConfig", "ManagedCertificate", "FrontendConfig"} & default_kinds
