@@ -151,8 +151,10 @@ if [ "$INVOKER" = public ]; then
   gc run services add-iam-policy-binding "$SERVICE" --region="$REGION" \
     --member=allUsers --role=roles/run.invoker >/dev/null
 else
-  if gc run services get-iam-policy "$SERVICE" --region="$REGION" --format=json |
-      grep -q '"allUsers"'; then
+  # Read first (an error stops the deploy), so a failure to read is never
+  # mistaken for "not public".
+  policy=$(gc run services get-iam-policy "$SERVICE" --region="$REGION" --format=json)
+  if grep -q '"allUsers"' <<<"$policy"; then
     gc run services remove-iam-policy-binding "$SERVICE" --region="$REGION" \
       --member=allUsers --role=roles/run.invoker >/dev/null
   fi
