@@ -567,6 +567,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_policy(self, project, region, name):
         self._body()
+        if self.cloud.fault("policy-read-fails"):
+            raise ApiError(403, "PERMISSION_DENIED",
+                           "Permission 'run.services.getIamPolicy' denied on resource.")
         with self.cloud.lock:
             self.cloud.get_service(name)
             return self.cloud.policies.get(name, {"etag": "ACAB", "version": 1})

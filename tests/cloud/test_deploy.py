@@ -297,6 +297,10 @@ def test_private_mode_serves_only_callers_with_an_id_token(cloud):
     code, output = deployer.run(2)  # and back to public, idempotently
     assert code == 0, output
     assert get(service_url + "/readyz") == 200
+    # An unreadable policy is never taken for "not public": the deploy stops.
+    standin.cloud.faults["policy-read-fails"] = True
+    code, output = deployer.run(2, INVOKER="private")
+    assert code != 0 and standin.cloud.is_public("hello-birthday")
     assert_traffic_only_on_verified_revisions(standin)
 
 
