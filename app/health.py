@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from app.database import DatabaseUnavailable
-from app.errors import Problem, problem_response
+from app.errors import RETRY_AFTER_SECONDS, Problem, problem_response
 from app.schema import schema_verdict
 
 logger = logging.getLogger("app.health")
@@ -95,6 +95,6 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "ready"})
     problem = Problem(
         503, "not-ready", f"Not ready: {reason}.", title="Not ready",
-        headers={"Retry-After": "1"},
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
     return problem_response(problem, "/readyz")

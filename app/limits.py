@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.errors import Problem, problem_body
+from app.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, Problem, problem_body
 
 _OVERLOADED = Problem(
     503, "overloaded",
@@ -38,9 +38,9 @@ class ConcurrencyLimit:
             await send({
                 "type": "http.response.start",
                 "status": 503,
-                "headers": [(b"content-type", b"application/problem+json"),
+                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                             (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", b"1")],
+                            (b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
             })
             await send({"type": "http.response.body", "body": body})
             return
