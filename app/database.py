@@ -228,14 +228,11 @@ class PostgresDatabase:
             await self._readiness_connection.close()
         await self.pool.close(timeout=5)
 
-    def _should_retry(self, error: Exception, connection) -> bool:
+    @staticmethod
+    def _conflict(error: Exception) -> bool:
+        """The server rolled the statement back for a conflict, or is going away."""
         sqlstate = getattr(error, "sqlstate", None) or ""
-        return (
-            connection.broken
-            or connection.closed
-            or sqlstate[:2] in RETRY_SQLSTATE_CLASSES
-            or sqlstate in RETRY_SQLSTATES
-        )
+        return sqlstate[:2] in RETRY_SQLSTATE_CLASSES or sqlstate in RETRY_SQLSTATES
 
     async def _execute(self, query: str, params: tuple, fetch: bool):
         try:
@@ -249,9 +246,7 @@ class PostgresDatabase:
 
     def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
         logger.warning("database unavailable: %s", _describe(error))
-        unavailable = DatabaseUnavailable(_describe(error))
-        unavailable.__cause__ = error
-        return unavailable
+        return DatabaseUnavailable(_describe(error))
 
     async def _attempt(self, query: str, params: tuple, fetch: bool, retry: bool):
         try:
@@ -267,18 +262,19 @@ class PostgresDatabase:
             cursor = await connection.execute(query, params, prepare=True)
             result = await cursor.fetchall() if fetch else cursor.rowcount
         except BaseException as error:
-            if (
+            # The server refused the statement on a healthy connection, or the
+            # connection died (or is in a state nobody knows): then not reused.
+            reusable = (
                 isinstance(error, Exception)
                 and not connection.broken
                 and connection.pgconn.transaction_status == self._idle
-            ):
-                # The server refused the statement; the connection is fine.
+            )
+            if reusable:
                 await self.pool.putconn(connection)
             else:
-                # Dead, or in a state nobody knows: not reused.
                 await self._discard(connection)
             if isinstance(error, Exception) and is_unavailable(error):
-                if self._should_retry(error, connection):
+                if not reusable or self._conflict(error):
                     raise _Retry(error) from error
                 raise self._unavailable(error) from error
             raise
