@@ -18,9 +18,11 @@ _NO_CONTENT = 204
 
 class AnyTextConvertor(Convertor[str]):
     """The rest of the path, newlines included (the stock ``path`` convertor
-    stops at a decoded %0A, which turned a bad username into a 404)."""
+    stops at a decoded %0A, which turned a bad username into a 404), but never
+    ending in a slash: a trailing slash names another path, which does not
+    exist, as /healthz/ does not (one rule for every path: 404, no redirect)."""
 
-    regex = r"[\s\S]*"
+    regex = r"(?:[\s\S]*[^/])?"
 
     def convert(self, value: str) -> str:
         return value
@@ -73,12 +75,7 @@ async def _read_body(request: Request, timeout: float) -> bytes:
 
 
 async def hello(request: Request) -> Response:
-    raw = request.path_params["username"]
-    if raw.endswith("/"):
-        # One rule for every path: a trailing slash names another resource,
-        # which does not exist (no redirect), as /healthz/ does.
-        raise Problem(404, "not-found", "No resource lives at this path.")
-    username = validation.parse_username(raw)
+    username = validation.parse_username(request.path_params["username"])
     method = request.method
     database = request.state.database
     if method == "DELETE":
