@@ -22,13 +22,18 @@ VALUES = {
 }
 
 
-def render(name: str) -> dict:
+def rendered_text(name: str) -> str:
+    """cloudrun/NAME with deploy.sh's placeholders filled, as deploy.sh does."""
     text = (CLOUDRUN / name).read_text()
     for key, value in VALUES.items():
         text = text.replace("${" + key + "}", value)
     body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "${" not in body, "every placeholder is one deploy.sh fills"
-    return yaml.safe_load(text)
+    return text
+
+
+def render(name: str) -> dict:
+    return yaml.safe_load(rendered_text(name))
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,12 @@ import subprocess
 import pytest
 
 from tests.cloud.standin import which_gcloud
-from tests.conftest import ROOT
-
-VALUES = {
-    "PROJECT_ID": "p", "SERVICE": "hello-birthday", "REVISION": "hello-birthday-d0123",
-    "IMAGE": "europe-docker.pkg.dev/p/apps/hello-birthday@sha256:" + "a" * 64,
-    "CLOUDSQL_INSTANCE": "p:europe-west1:db", "DATABASE_URL_SECRET": "database-url",
-    "RUNTIME_SERVICE_ACCOUNT": "hello-birthday@p.iam.gserviceaccount.com",
-}
+from tests.test_cloudrun import rendered_text
 
 
 def rendered(name: str, tmp_path, edit=lambda text: text) -> str:
-    text = (ROOT / "cloudrun" / name).read_text()
-    for key, value in VALUES.items():
-        text = text.replace("${" + key + "}", value)
     target = tmp_path / name
-    target.write_text(edit(text))
+    target.write_text(edit(rendered_text(name)))
     return str(target)
 
 
