@@ -246,6 +246,9 @@ def helm(session: nox.Session) -> None:
         target = out / f"{name}.yaml"
         target.write_text(rendered)
         session.run("kubernetes-validate", "--strict", "-k", "1.31.0", str(target))
+    # The objects applied by hand, beside the chart.
+    session.run("kubernetes-validate", "--strict", "-k", "1.31.0", "helm/backup-pvc.yaml",
+                "helm/dev-database.yaml")
     # PostgreSQL too: a rolled-back pod is run with the chart's probes and config.
     session.run("pytest", "-p", "no:cacheprovider", "tests/test_helm.py", *session.posargs,
                 env={"HELM": helm_bin, **test_database_env()})

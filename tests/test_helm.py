@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -311,6 +312,45 @@ def test_old_dumps_are_pruned_to_the_newest_n(docs):
                   if c["name"] == "backup")
     assert "tail -n +11" in backup["args"][0]  # keep: 10
     assert backup["resources"]["requests"]
+
+
+def server_major(docs: list[dict]) -> int:
+    """The PostgreSQL major a value set's database runs: Cloud SQL as
+    cloudrun/setup.sh creates it behind the proxy, else helm/dev-database.yaml."""
+    if any(c["name"] == "cloud-sql-proxy" for c in
+           find(docs, "Deployment")["spec"]["template"]["spec"].get("initContainers", [])):
+        setup = (ROOT / "cloudrun" / "setup.sh").read_text()
+        return int(re.search(r"--database-version=POSTGRES_(\d+)", setup).group(1))
+    (_, database) = yaml.safe_load_all((ROOT / "helm" / "dev-database.yaml").read_text())
+    (container,) = database["spec"]["template"]["spec"]["containers"]
+    return int(re.fullmatch(r"postgres:(\d+)\.\d+-\w+", container["image"]).group(1))
+
+
+def test_pg_dump_is_never_older_than_the_database(docs):
+    """pg_dump refuses a server of a newer major ("aborting because of server
+    version mismatch"), and every backup would then block every deploy."""
+    job = find(docs, "Job", "-migrate")
+    backup = next(c for c in job["spec"]["template"]["spec"]["initContainers"]
+                  if c["name"] == "backup")
+    dump_major = int(re.fullmatch(r"postgres:(\d+)\.\d+-\w+", backup["image"]).group(1))
+    assert dump_major >= server_major(docs)
+
+
+def test_gcs_backups_are_written_into_the_mounted_bucket(production):
+    """No gcloud image (its versions are deleted after a year): GKE's Cloud
+    Storage FUSE driver mounts the bucket, writable by the pod's user."""
+    job = find(production, "Job", "-migrate")
+    template_ = job["spec"]["template"]
+    assert template_["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    pod = template_["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "backup"]
+    attributes = volume["csi"]["volumeAttributes"]
+    assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+    assert attributes["bucketName"] == "my-project-hello-birthday-backups"
+    user = pod["securityContext"]
+    assert attributes["mountOptions"] == f"uid={user['runAsUser']},gid={user['runAsGroup']}"
+    images = [c["image"] for c in pod["initContainers"] + pod["containers"]]
+    assert not [i for i in images if "google-cloud-cli" in i or "bitnami" in i]
 
 
 def test_argocd_mode_uses_argocd_annotations_only():
