@@ -27,7 +27,7 @@ DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
 GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "cloudrun", "container",
-         "ci-config", "sbom"]
+         "gke-local", "ci-config", "sbom"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -261,6 +261,17 @@ def container(session: nox.Session) -> None:
     session.run("hadolint", "Dockerfile")
     session.run("python", "-m", "tests.container_smoke", *session.posargs,
                 env=test_database_env())
+
+
+@nox.session(name="gke-local")
+def gke_local(session: nox.Session) -> None:
+    """The chart's migration Job pod and server pod, rendered with
+    helm/values/development.yaml and run with `podman kube play` against PostgreSQL
+    (tests/gke_local.py says what it checks; fails when podman cannot run)."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
+    helm_bin = ensure_helm(session)
+    session.run("python", "-m", "tests.gke_local", *session.posargs,
+                env={"HELM": helm_bin, **test_database_env()})
 
 
 # PostgreSQL over its Unix socket: a network namespace has a loopback of its own.
