@@ -42,10 +42,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp \
     HOST=0.0.0.0 \
-    PORT=8080
+    PORT=8080 \
+    METRICS_PORT=9090 \
+    BUILD_VERSION=${VERSION} \
+    BUILD_REVISION=${REVISION}
 # A fixed, unprivileged UID/GID that owns nothing in the image.
 USER 10001:10001
-EXPOSE 8080
+# 8080: the API; 9090: Prometheus metrics, for the scraper only.
+EXPOSE 8080 9090
 # Exec form: SIGTERM reaches the server itself, which drains and exits 0.
 # The migration job runs the same image with: alembic upgrade head
 CMD ["python", "-m", "app"]

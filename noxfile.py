@@ -26,8 +26,8 @@ SAFETY_LOCK = str(REQ / "safety.txt")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
-GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "cloudrun", "container",
-         "gke-local", "ci-config", "sbom"]
+GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "alerts", "cloudrun",
+         "container", "gke-local", "ci-config", "sbom"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -67,6 +67,7 @@ def tests(session: nox.Session) -> None:
         "--junitxml=build/junit.xml",
         "--ignore=tests/test_helm.py",  # run by `nox -s helm`, which provides helm
         "--ignore=tests/cloud",  # run by `nox -s cloudrun`, in a network namespace
+        "--ignore=tests/test_alerts.py",  # run by `nox -s alerts`, which provides promtool
         *session.posargs,
         env=test_database_env(),
     )
@@ -167,10 +168,11 @@ def lock(session: nox.Session) -> None:
     session.install("pip-tools")
     common = ["pip-compile", "--quiet", "--generate-hashes", "--strip-extras", "--allow-unsafe",
               "--no-emit-index-url", "--no-emit-find-links", *session.posargs]
-    session.run(*common, "-o", MAIN_LOCK, "pyproject.toml")
+    # Relative paths: they are written into the locks' comments.
+    session.run(*common, "-o", "requirements/main.txt", "pyproject.toml")
     # In this order: tools.in and fuzz.in are constrained by main.txt and dev.txt.
     for name in ("dev", "tools", "fuzz", "safety", "nox", "sbom"):
-        session.run(*common, "-o", str(REQ / f"{name}.txt"), str(REQ / f"{name}.in"))
+        session.run(*common, "-o", f"requirements/{name}.txt", f"requirements/{name}.in")
 
 
 @nox.session
@@ -227,6 +229,12 @@ HELM_VALUE_SETS = {
     "production": ["-f", "helm/values/production.yaml"],
     "argocd": ["-f", "helm/values/argocd.yaml"],
     "development": ["-f", "helm/values/development.yaml"],
+    # Both monitoring switches and both rule switches on.
+    "monitoring": ["-f", "helm/values/production.yaml",
+                   "--set", "metrics.podMonitoring.enabled=true",
+                   "--set", "metrics.serviceMonitor.enabled=true",
+                   "--set", "metrics.rules.managedPrometheus=true",
+                   "--set", "metrics.rules.prometheusRule=true"],
 }
 
 
@@ -252,6 +260,26 @@ def helm(session: nox.Session) -> None:
     # PostgreSQL too: a rolled-back pod is run with the chart's probes and config.
     session.run("pytest", "-p", "no:cacheprovider", "tests/test_helm.py", *session.posargs,
                 env={"HELM": helm_bin, **test_database_env()})
+
+
+@nox.session
+def alerts(session: nox.Session) -> None:
+    """The alerting rules under promtool (check, and a unit test per alert firing and
+    silent), and `promtool check metrics` on a real scrape; installs promtool."""
+    import shutil
+
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    if not shutil.which("promtool") and shutil.which("apt-get"):
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
+        session.run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                    "prometheus", external=True, env=env)
+    if not shutil.which("promtool"):
+        session.error("promtool is not installed (Debian/Ubuntu: the prometheus package)")
+    session.run("promtool", "--version", external=True)
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_alerts.py", *session.posargs,
+                env=test_database_env())
 
 
 @nox.session

@@ -21,6 +21,7 @@ import logging
 import socket
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Protocol
 
@@ -33,7 +34,27 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
 
 
+@dataclass
+class DatabaseStats:
+    """Counts app.metrics reads when scraped; plain numbers, the event loop's only."""
+
+    calls: dict[str, int] = field(default_factory=dict)  # ok, unavailable, error
+    retries: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # by SQLSTATE class
+
+    def outcome(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def error(self, error: BaseException) -> None:
+        sqlstate = getattr(error, "sqlstate", None)
+        key = sqlstate[:2] if sqlstate else "none"
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+
 class Database(Protocol):
+    stats: DatabaseStats
+
+    def pool_stats(self) -> dict[str, int] | None: ...
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def upsert(self, username: str, date_of_birth: date) -> None: ...
@@ -154,6 +175,7 @@ class PostgresDatabase:
         self.statement_timeout = settings.db_statement_timeout
         self.url = settings.libpq_url
         self._readiness_connection = None
+        self.stats = DatabaseStats()
         self.pool = _make_pool_class()(
             settings.libpq_url,
             min_size=settings.db_pool_size,
@@ -234,11 +256,27 @@ class PostgresDatabase:
         sqlstate = getattr(error, "sqlstate", None) or ""
         return sqlstate[:2] in RETRY_SQLSTATE_CLASSES or sqlstate in RETRY_SQLSTATES
 
+    def pool_stats(self) -> dict[str, int]:
+        return self.pool.get_stats()
+
     async def _execute(self, query: str, params: tuple, fetch: bool):
+        try:
+            result = await self._execute_once_or_twice(query, params, fetch)
+        except DatabaseUnavailable:
+            self.stats.outcome("unavailable")
+            raise
+        except Exception:
+            self.stats.outcome("error")
+            raise
+        self.stats.outcome("ok")
+        return result
+
+    async def _execute_once_or_twice(self, query: str, params: tuple, fetch: bool):
         try:
             return await self._attempt(query, params, fetch, retry=False)
         except _Retry as retry:
             logger.info("retrying on a fresh connection after %s", _describe(retry.error))
+            self.stats.retries += 1
             try:
                 return await self._attempt(query, params, fetch, retry=True)
             except _Retry as again:
@@ -252,6 +290,7 @@ class PostgresDatabase:
         try:
             connection = await self._checked_connection(always_check=retry)
         except Exception as error:
+            self.stats.error(error)
             if is_unavailable(error):
                 raise self._unavailable(error) from error
             raise
@@ -262,6 +301,7 @@ class PostgresDatabase:
             cursor = await connection.execute(query, params, prepare=True)
             result = await cursor.fetchall() if fetch else cursor.rowcount
         except BaseException as error:
+            self.stats.error(error)
             # The server refused the statement on a healthy connection, or the
             # connection died (or is in a state nobody knows): then not reused.
             reusable = (
@@ -355,6 +395,10 @@ class SqliteDatabase:
         self.path = settings.sqlite_path
         self.busy_timeout = settings.db_statement_timeout
         self.timeout = settings.db_call_timeout
+        self.stats = DatabaseStats()
+
+    def pool_stats(self) -> None:
+        return None  # no pool: a connection per call
 
     async def open(self) -> None:
         return None
@@ -373,10 +417,18 @@ class SqliteDatabase:
     async def _execute(self, query: str, params: tuple, fetch: bool):
         try:
             async with asyncio.timeout(self.timeout):
-                return await asyncio.to_thread(self._run, query, params, fetch)
+                result = await asyncio.to_thread(self._run, query, params, fetch)
         except (sqlite3.OperationalError, TimeoutError) as error:
+            self.stats.error(error)
+            self.stats.outcome("unavailable")
             logger.warning("database unavailable: %s", type(error).__name__)
             raise DatabaseUnavailable from error
+        except Exception as error:
+            self.stats.error(error)
+            self.stats.outcome("error")
+            raise
+        self.stats.outcome("ok")
+        return result
 
     async def upsert(self, username: str, date_of_birth: date) -> None:
         await self._execute(SQLITE_UPSERT, (username, date_of_birth.isoformat()), fetch=False)

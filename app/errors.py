@@ -9,6 +9,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app import tracing
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:hello-birthday:problem:"
 RETRY_AFTER_SECONDS = 1
@@ -70,6 +72,11 @@ def problem_body(problem: Problem, instance: str | None = None) -> bytes:
     }
     if instance and len(instance) <= MAX_INSTANCE_LENGTH:
         body["instance"] = instance
+    # An extension member (RFC 9457, 3.2): the trace the request arrived with,
+    # so support can go from a client's error to its log line.
+    trace_id = tracing.current_trace_id()
+    if trace_id:
+        body["traceId"] = trace_id
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 

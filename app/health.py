@@ -42,6 +42,7 @@ class Readiness:
         self.answer_within = answer_within
         self.draining = False
         self.reason: str | None = "starting"
+        self.changes = 0  # ready to not ready or back (app.metrics)
         self._checked_at = float("-inf")
         self._check: asyncio.Task[None] | None = None
 
@@ -69,6 +70,8 @@ class Readiness:
         reason = schema_verdict(revisions)
         if reason != self.reason:
             logger.info("readiness: %s", reason or "the schema serves this release")
+            if (reason is None) != (self.reason is None):
+                self.changes += 1
         self.reason = reason
         self._checked_at = time.monotonic()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, Problem, problem_body
+from app.metrics import RequestMetrics
 
 _OVERLOADED = Problem(
     503, "overloaded",
@@ -22,9 +23,10 @@ class ConcurrencyLimit:
     GKE) never count against it. The probes are never refused.
     """
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, metrics: RequestMetrics | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.metrics = metrics
         self.in_flight = 0
         self.rejected = 0
 
@@ -34,6 +36,8 @@ class ConcurrencyLimit:
             return
         if self.in_flight >= self.limit:
             self.rejected += 1
+            if self.metrics is not None:
+                self.metrics.rejected += 1
             body = problem_body(_OVERLOADED, None)
             await send({
                 "type": "http.response.start",

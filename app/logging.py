@@ -12,7 +12,6 @@ Request bodies are never logged, so a date of birth never reaches a log.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import sys
@@ -20,6 +19,8 @@ import time
 from datetime import datetime, timezone
 
 from app.errors import PROBLEM_MEDIA_TYPE, internal_error, problem_body
+from app.metrics import RequestMetrics
+from app import tracing
 from app.proxy import client_address
 from app.settings import Settings
 
@@ -27,10 +28,6 @@ TRACE_KEY = "logging.googleapis.com/trace"
 SPAN_KEY = "logging.googleapis.com/spanId"
 SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
 
-_HEX = frozenset("0123456789abcdef")
-_request_trace: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "request_trace", default=None
-)
 access_logger = logging.getLogger("app.access")
 # The handler configure_logging installed when it writes JSON; access lines go
 # straight to it (see AccessLogMiddleware._log).
@@ -64,41 +61,26 @@ def _flush(handler: logging.StreamHandler) -> None:
     handler.flush()
 
 
-def _is_hex(value: str, length: int) -> bool:
-    return len(value) == length and set(value) <= _HEX and value != "0" * length
-
-
-def parse_trace(
-    traceparent: str | None, cloud_trace: str | None, project: str | None
-) -> dict | None:
-    """Cloud Logging trace fields from a W3C traceparent or an X-Cloud-Trace-Context."""
-    if not project:
+def trace_fields(trace: tracing.Trace | None, project: str | None) -> dict | None:
+    """Cloud Logging's trace fields. Without a project the trace is the bare id,
+    as google-cloud-logging writes it (tests/test_cloud_logging.py)."""
+    if trace is None:
         return None
-    if traceparent:
-        parts = traceparent.strip().lower().split("-")
-        if len(parts) >= 4 and _is_hex(parts[1], 32) and _is_hex(parts[2], 16):
-            flags = int(parts[3], 16) if _is_hex(parts[3], 2) else 0
-            return {
-                TRACE_KEY: f"projects/{project}/traces/{parts[1]}",
-                SPAN_KEY: parts[2],
-                SAMPLED_KEY: bool(flags & 1),
-            }
-    if cloud_trace:
-        # TRACE_ID/SPAN_ID;o=OPTIONS, the span id in decimal.
-        trace_part, _, options = cloud_trace.strip().partition(";")
-        trace_id, _, span = trace_part.partition("/")
-        trace_id = trace_id.lower()
-        if _is_hex(trace_id, 32):
-            fields = {TRACE_KEY: f"projects/{project}/traces/{trace_id}"}
-            if span.isdigit() and 0 < int(span) < 2**64:
-                fields[SPAN_KEY] = f"{int(span):016x}"
-            fields[SAMPLED_KEY] = options.strip() == "o=1"
-            return fields
-    return None
+    fields: dict[str, object] = {
+        TRACE_KEY: f"projects/{project}/traces/{trace.trace_id}" if project else trace.trace_id
+    }
+    if trace.span_id:
+        fields[SPAN_KEY] = trace.span_id
+    fields[SAMPLED_KEY] = trace.sampled
+    return fields
 
 
 class CloudLoggingFormatter(logging.Formatter):
     """One JSON object per record with the fields Cloud Logging lifts out."""
+
+    def __init__(self, project: str | None = None) -> None:
+        super().__init__()
+        self.project = project
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -113,15 +95,14 @@ class CloudLoggingFormatter(logging.Formatter):
         http_request = getattr(record, "http_request", None)
         if http_request is not None:
             entry["httpRequest"] = http_request
-        trace = _request_trace.get()
+        trace = trace_fields(tracing.current.get(), self.project)
         if trace:
             entry.update(trace)
-        if record.levelno >= logging.ERROR:
-            entry["logging.googleapis.com/sourceLocation"] = {
-                "file": record.pathname,
-                "line": record.lineno,
-                "function": record.funcName,
-            }
+        entry["logging.googleapis.com/sourceLocation"] = {
+            "file": record.pathname,
+            "line": record.lineno,
+            "function": record.funcName,
+        }
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
@@ -138,7 +119,9 @@ def configure_logging(settings: Settings, stream=None) -> logging.Handler:
         settings.log_format == "auto" and not stream.isatty()
     )
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(CloudLoggingFormatter() if use_json else TerminalFormatter())
+    handler.setFormatter(
+        CloudLoggingFormatter(settings.google_cloud_project) if use_json else TerminalFormatter()
+    )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -171,22 +154,26 @@ class AccessLogMiddleware:
     logged the same traceback twice more).
     """
 
-    def __init__(self, app, project: str | None, forwarded_hops: int = 0) -> None:
+    def __init__(self, app, project: str | None, forwarded_hops: int = 0,
+                 metrics: RequestMetrics | None = None) -> None:
         self.app = app
         self.project = project
         self.forwarded_hops = forwarded_hops
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        trace = parse_trace(
-            _header(scope, b"traceparent"), _header(scope, b"x-cloud-trace-context"), self.project
+        token = tracing.current.set(
+            tracing.parse(_header(scope, b"traceparent"), _header(scope, b"x-cloud-trace-context"))
         )
-        token = _request_trace.set(trace)
         status = 0
         error: Exception | None = None
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight += 1
 
         async def send_and_record(message) -> None:
             nonlocal status
@@ -204,14 +191,17 @@ class AccessLogMiddleware:
         finally:
             latency = time.perf_counter() - started
             self._log(scope, status or 500, latency, error)
-            _request_trace.reset(token)
+            if metrics is not None:
+                metrics.in_flight -= 1
+                metrics.observe(scope, status or 500, latency)
+            tracing.current.reset(token)
 
     def _write_json(self, handler, level: int, http_request: dict, latency: float) -> None:
         # The per-request line skips LogRecord, Formatter and json.dumps of a
         # nested dict: through the logging machinery it cost ~40 us a request,
         # a tenth of the service's budget in `nox -s bench`. Strings that come
         # from the client are JSON-escaped; everything else is ours.
-        trace = _request_trace.get()
+        trace = trace_fields(tracing.current.get(), self.project)
         line = _ACCESS_LINE % (
             logging.getLevelName(level),
             _quote(f"{http_request['requestMethod']} {http_request['requestUrl']} "

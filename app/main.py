@@ -17,6 +17,7 @@ from app.database import Database, DatabaseUnavailable, open_database
 from app.health import Readiness
 from app.limits import ConcurrencyLimit
 from app.logging import AccessLogMiddleware
+from app.metrics import Collector, MetricsServer, RequestMetrics
 from app.settings import Settings, load_settings
 
 logger = logging.getLogger("app")
@@ -40,14 +41,25 @@ def create_app(
     settings = settings or load_settings()
     db = database or open_database(settings)
     readiness = Readiness(db.schema_revisions)
+    metrics = RequestMetrics() if settings.metrics_port else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
         await db.open()
         logger.info(
-            "serving on the %s database", "embedded SQLite" if settings.is_sqlite else "PostgreSQL"
+            "hello-birthday %s (revision %s) serving on the %s database",
+            settings.build_version, settings.build_revision,
+            "embedded SQLite" if settings.is_sqlite else "PostgreSQL",
         )
         readiness.refresh()  # the first probe finds the answer ready
+        metrics_server = None
+        if metrics is not None:
+            metrics_server = MetricsServer(
+                Collector(metrics, db, readiness, settings.build_version, settings.build_revision),
+                settings.host, settings.metrics_port,
+            )
+            metrics_server.start()
+            app.state.metrics_server = metrics_server
         try:
             yield {
                 "database": db,
@@ -56,6 +68,8 @@ def create_app(
                 "body_read_timeout": settings.body_read_timeout,
             }
         finally:
+            if metrics_server is not None:
+                metrics_server.close()
             await db.close()
 
     app = Starlette(
@@ -67,8 +81,9 @@ def create_app(
         ],
         middleware=[
             Middleware(AccessLogMiddleware, project=settings.google_cloud_project,
-                       forwarded_hops=settings.forwarded_hops),
-            *([Middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests)]
+                       forwarded_hops=settings.forwarded_hops, metrics=metrics),
+            *([Middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests,
+                          metrics=metrics)]
               if settings.max_concurrent_requests else []),
         ],
         # A bug's 500 is the access log middleware's (one log entry, not three).

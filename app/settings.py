@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from app import __version__
+
 DEFAULT_SQLITE_PATH = "hello-birthday.sqlite3"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "text")
@@ -44,6 +46,12 @@ class Settings:
     # own proxies added: the client address is the left-most of those. 0 trusts
     # no header and logs the TCP peer. Cloud Run: 1; the Google load balancer: 2.
     forwarded_hops: int = 0
+    # Prometheus metrics on this port (app.metrics); 0 turns them off, the
+    # default for a Settings built in code. From the environment: 9090.
+    metrics_port: int = 0
+    # The build, baked into the image (Dockerfile): build_info and the start-up line.
+    build_version: str = "dev"
+    build_revision: str = "unknown"
 
     @property
     def is_sqlite(self) -> bool:
@@ -129,7 +137,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         normalise_database_url(raw_url) if raw_url else f"sqlite:///{DEFAULT_SQLITE_PATH}"
     )
     host = env.get("HOST", "").strip() or Settings.host
-    return Settings(
+    settings = Settings(
         database_url=database_url,
         host=host,
         port=_number(env, "PORT", 8080, int, 1, 65535),
@@ -144,4 +152,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         keep_alive_seconds=_number(env, "KEEP_ALIVE_SECONDS", 5.0, float, 1, 3600),
         max_concurrent_requests=_number(env, "MAX_CONCURRENT_REQUESTS", 100, int, 0, 100_000),
         forwarded_hops=_number(env, "FORWARDED_HOPS", 0, int, 0, 10),
+        metrics_port=_number(env, "METRICS_PORT", 9090, int, 0, 65535),
+        build_version=env.get("BUILD_VERSION", "").strip() or __version__,
+        build_revision=env.get("BUILD_REVISION", "").strip() or "unknown",
     )
+    if settings.metrics_port == settings.port:
+        raise SettingsError(f"METRICS_PORT must differ from PORT ({settings.port}): the metrics "
+                            "never share the public port; 0 turns them off")
+    return settings

@@ -9,7 +9,8 @@ import logging
 import pytest
 from starlette.testclient import TestClient
 
-from app.logging import CloudLoggingFormatter, configure_logging, parse_trace
+from app import tracing
+from app.logging import CloudLoggingFormatter, configure_logging, trace_fields
 from app.main import create_app
 from tests.conftest import make_settings
 
@@ -66,8 +67,9 @@ def test_one_json_line_per_request_with_http_request_and_trace(sqlite_url, clock
     assert "1987" not in everything and "03-14" not in everything  # no date of birth
 
 
-def test_no_trace_without_a_project():
-    assert parse_trace(f"00-{TRACE_ID}-00f067aa0ba902b7-01", None, None) is None
+def test_without_a_project_the_trace_is_the_bare_id():
+    trace = tracing.parse(f"00-{TRACE_ID}-00f067aa0ba902b7-01", None)
+    assert trace_fields(trace, None)["logging.googleapis.com/trace"] == TRACE_ID
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,7 @@ def test_no_trace_without_a_project():
      (None, "nothex/1;o=1"), ("garbage", "also garbage"), ("00-" + "0" * 32 + "-1-01", None)],
 )
 def test_malformed_trace_headers_are_ignored(traceparent, cloud):
-    assert parse_trace(traceparent, cloud, "proj") is None
+    assert tracing.parse(traceparent, cloud) is None
 
 
 def test_severity_maps_from_the_level_and_errors_carry_source_location():
@@ -93,3 +95,53 @@ def test_a_terminal_gets_plain_text(sqlite_url, log_stream):
     logging.getLogger("app").info("hello there")
     assert "hello there" in stream.getvalue()
     assert not stream.getvalue().lstrip().startswith("{")
+
+
+# --- the trace id in problem documents ------------------------------------------------------
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}, TRACE_ID),
+    ({"x-cloud-trace-context": f"{TRACE_ID.upper()}/1;o=1"}, TRACE_ID),
+    ({"traceparent": "garbage"}, None),
+    ({}, None),
+])
+def test_problems_carry_the_requests_trace_id(sqlite_url, headers, expected):
+    """Support goes from a client's error to its log line; without a project too."""
+    def broken_clock():
+        raise RuntimeError("boom")
+
+    with TestClient(create_app(make_settings(sqlite_url, max_concurrent_requests=0)),
+                    raise_server_exceptions=False) as client:
+        answers = [client.get("/hello/Nobody", headers=headers),            # 404, Problem
+                   client.get("/no/such/path", headers=headers),            # 404, routing
+                   client.put("/hello/Bad", content=b"{", headers={**headers,
+                              "content-type": "application/json"})]        # 400
+    with TestClient(create_app(make_settings(sqlite_url), clock=broken_clock),
+                    raise_server_exceptions=False) as client:
+        answers.append(client.get("/hello/Nobody", headers=headers))       # 500, last resort
+    for response in answers:
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json().get("traceId") == expected, response.text
+
+
+def test_the_overload_problem_carries_the_trace_id():
+    import asyncio
+
+    from app.limits import ConcurrencyLimit
+    from app.logging import AccessLogMiddleware
+
+    sent: list[dict] = []
+
+    async def never(scope, receive, send):  # pragma: no cover - not reached
+        raise AssertionError
+
+    async def send(message):
+        sent.append(message)
+
+    limit = ConcurrencyLimit(never, limit=0)
+    app = AccessLogMiddleware(limit, project=None)
+    scope = {"type": "http", "method": "GET", "path": "/hello/x", "headers": [
+        (b"traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode())]}
+    asyncio.run(app(scope, None, send))
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["traceId"] == TRACE_ID

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 
 import pytest
 
-from app.settings import SettingsError, load_settings
+from app.settings import Settings, SettingsError, load_settings
 from tests.conftest import ROOT
 
 
@@ -37,8 +39,13 @@ def test_every_variable_is_read():
         "DB_POOL_SIZE": "4", "DB_POOL_TIMEOUT": "1.5", "DB_STATEMENT_TIMEOUT": "3",
         "SHUTDOWN_DRAIN_SECONDS": "5", "GOOGLE_CLOUD_PROJECT": "proj",
         "BODY_READ_TIMEOUT": "2.5", "KEEP_ALIVE_SECONDS": "620",
-        "MAX_CONCURRENT_REQUESTS": "50", "FORWARDED_HOPS": "2",
+        "MAX_CONCURRENT_REQUESTS": "50", "FORWARDED_HOPS": "2", "METRICS_PORT": "9191",
+        "BUILD_VERSION": "1.2.3", "BUILD_REVISION": "abc1234",
+        "DATABASE_URL": "postgresql://u@db/app",
     })
+    # Every field of Settings is read from some variable: none kept its default.
+    for field in dataclasses.fields(Settings):
+        assert getattr(settings, field.name) != field.default, field.name
     assert (settings.host, settings.port, settings.log_level, settings.log_format) == (
         "127.0.0.1", 9000, "DEBUG", "json")
     assert (settings.db_pool_size, settings.db_pool_timeout, settings.db_statement_timeout) == (
@@ -48,6 +55,15 @@ def test_every_variable_is_read():
     assert settings.db_call_timeout == 4.5
     assert (settings.body_read_timeout, settings.keep_alive_seconds) == (2.5, 620.0)
     assert (settings.max_concurrent_requests, settings.forwarded_hops) == (50, 2)
+    assert (settings.metrics_port, settings.build_version, settings.build_revision) == (
+        9191, "1.2.3", "abc1234")
+
+
+def test_metrics_are_on_by_default_and_never_on_the_public_port():
+    assert load_settings({}).metrics_port == 9090
+    assert load_settings({"METRICS_PORT": "0"}).metrics_port == 0
+    with pytest.raises(SettingsError, match="METRICS_PORT"):
+        load_settings({"PORT": "9090"})
 
 
 @pytest.mark.parametrize(
@@ -56,7 +72,8 @@ def test_every_variable_is_read():
      ("DB_POOL_TIMEOUT", "-1"), ("DB_STATEMENT_TIMEOUT", "nan"), ("SHUTDOWN_DRAIN_SECONDS", "x"),
      ("LOG_LEVEL", "LOUD"), ("LOG_FORMAT", "xml"), ("DATABASE_URL", "mysql://db/app"),
      ("DATABASE_URL", "not a url"), ("DATABASE_URL", "sqlite://relative.db"),
-     ("KEEP_ALIVE_SECONDS", "0"), ("MAX_CONCURRENT_REQUESTS", "-1"), ("FORWARDED_HOPS", "x")],
+     ("KEEP_ALIVE_SECONDS", "0"), ("MAX_CONCURRENT_REQUESTS", "-1"), ("FORWARDED_HOPS", "x"),
+     ("METRICS_PORT", "70000")],
 )
 def test_a_bad_value_is_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):
