@@ -45,6 +45,7 @@ from pathlib import Path
 import httpx2 as httpx
 import sqlalchemy as sa
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
 from tests.container_smoke import (IMAGE, PODMAN, base_image, build, ensure_base, ensure_engine,
@@ -306,12 +307,14 @@ def check_server(docs: list[dict]) -> None:
     ports = {port for _, port in probes.values()}
     assert len(ports) == 1
     base = f"http://127.0.0.1:{ports.pop()}"
-    try:
-        httpx.get(base + "/healthz", timeout=1)
-        sys.exit(f"gke-local: FAILED: something already listens on {base}; the pod uses "
-                 "the host's network and the rendered port")
-    except httpx.TransportError:
-        pass
+    metrics = f"http://127.0.0.1:{port_of(app, 'metrics')}/metrics"
+    for url in (base + "/healthz", metrics):
+        try:
+            httpx.get(url, timeout=1)
+            sys.exit(f"gke-local: FAILED: something already listens on {url}; the pod "
+                     "uses the host's network and the rendered ports")
+        except httpx.TransportError:
+            pass
     remove_pod(SERVER_POD)
     played = play(pod, config)
     assert played.returncode == 0, played.stderr
@@ -333,6 +336,16 @@ def check_server(docs: list[dict]) -> None:
         assert httpx.put(base + "/hello/Pod", json={"dateOfBirth": "1990-05-17"}).status_code == 204
         message = httpx.get(base + "/hello/Pod").json()["message"]
         assert message.startswith("Hello, Pod!"), message
+        # What the PodMonitoring scrapes: the rendered metrics port, not the public one.
+        scraped = httpx.get(metrics, timeout=5).text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(scraped)
+                   for s in family.samples}
+        put = ("hello_birthday_http_requests_total", (
+            ("method", "PUT"), ("route", "/hello/{username}"), ("status_class", "2xx")))
+        assert samples.get(put) == 1, scraped[:2000]
+        assert "hello_birthday_build_info{" in scraped and "Pod" not in scraped
+        assert httpx.get(base + "/metrics").status_code == 404
 
         user = spec["securityContext"]["runAsUser"]
         uid = run(*PODMAN, "exec", name, "python", "-c", "import os; print(os.getuid())",

@@ -513,3 +513,110 @@ def test_the_google_load_balancer_checks_readyz_and_drains_with_the_pods(product
     assert find(production, "FrontendConfig")["spec"]["redirectToHttps"]["enabled"]
     default_kinds = {d["kind"] for d in render()}
     assert not {"BackendConfig", "ManagedCertificate", "FrontendConfig"} & default_kinds
+
+
+# --- metrics and monitoring ----------------------------------------------------------------
+
+MONITORING = ["--set", "metrics.podMonitoring.enabled=true",
+              "--set", "metrics.serviceMonitor.enabled=true",
+              "--set", "metrics.rules.managedPrometheus=true",
+              "--set", "metrics.rules.prometheusRule=true"]
+DURATION = (r"^((([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+            r"(([0-9]+)ms)?|0)$")
+RULE_GROUPS = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["name", "rules"],
+    "properties": {"name": {"type": "string"}, "interval": {"type": "string", "pattern": DURATION},
+                   "rules": {"type": "array", "items": {
+                       "type": "object", "required": ["expr"],
+                       "properties": {"expr": {"type": "string"}, "for": {"type": "string"},
+                                      "labels": {"type": "object"},
+                                      "annotations": {"type": "object"}}}}}}}
+ENDPOINTS = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["port"],
+    "properties": {"port": {"type": ["string", "integer"]},
+                   "interval": {"type": "string", "pattern": DURATION}}}}
+# What each CRD requires (kubernetes-validate has no schema for custom
+# resources): written from the CRDs of GoogleCloudPlatform/prometheus-engine
+# (monitoring.googleapis.com/v1) and prometheus-operator (monitoring.coreos.com/v1).
+CUSTOM_RESOURCE_SPECS = {
+    "PodMonitoring": {"type": "object", "required": ["selector", "endpoints"],
+                      "properties": {"endpoints": ENDPOINTS}},
+    "ServiceMonitor": {"type": "object", "required": ["selector", "endpoints"],
+                       "properties": {"endpoints": ENDPOINTS}},
+    # Managed Prometheus also requires each group's interval.
+    "Rules": {"type": "object", "required": ["groups"], "properties": {"groups": {
+        **RULE_GROUPS, "items": {**RULE_GROUPS["items"],
+                                 "required": ["name", "interval", "rules"]}}}},
+    "PrometheusRule": {"type": "object", "required": ["groups"],
+                       "properties": {"groups": RULE_GROUPS}},
+}
+
+
+@pytest.fixture(scope="module")
+def monitored() -> list[dict]:
+    return render(*VALUE_SETS["production"], *MONITORING)
+
+
+def test_monitoring_resources_are_what_their_crds_accept(monitored):
+    import jsonschema
+
+    for kind, schema in CUSTOM_RESOURCE_SPECS.items():
+        jsonschema.validate(find(monitored, kind)["spec"], schema)
+
+
+def test_scrapers_reach_the_serving_pods_metrics_port_and_the_ingress_does_not(monitored):
+    pod = find(monitored, "Deployment")["spec"]["template"]
+    (app,) = [c for c in pod["spec"]["containers"] if c["name"] == "app"]
+    ports = {p["name"]: p["containerPort"] for p in app["ports"]}
+    config = find(monitored, "ConfigMap")["data"]
+    assert int(config["METRICS_PORT"]) == ports["metrics"] != ports["http"]
+    selects = pod["metadata"]["labels"].items()
+    pod_monitoring = find(monitored, "PodMonitoring")["spec"]
+    assert pod_monitoring["selector"]["matchLabels"].items() <= selects
+    assert [e["port"] for e in pod_monitoring["endpoints"]] == ["metrics"]
+    # The Service the Ingress uses carries the API only.
+    ingress = find(monitored, "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"]
+    (served,) = [d for d in monitored if d["kind"] == "Service"
+                 and d["metadata"]["name"] == backend]
+    assert [p["targetPort"] for p in served["spec"]["ports"]] == ["http"]
+    # prometheus-operator's Service: headless, the metrics port only, and the
+    # ServiceMonitor selects it and no other.
+    metrics_service = find(monitored, "Service", "-metrics")
+    assert metrics_service["spec"]["clusterIP"] == "None"
+    assert [p["targetPort"] for p in metrics_service["spec"]["ports"]] == ["metrics"]
+    assert metrics_service["spec"]["selector"].items() <= selects
+    wanted = find(monitored, "ServiceMonitor")["spec"]["selector"]["matchLabels"].items()
+    matched = [d["metadata"]["name"] for d in monitored if d["kind"] == "Service"
+               and wanted <= d["metadata"]["labels"].items()]
+    assert matched == [metrics_service["metadata"]["name"]]
+
+
+def test_the_network_policy_admits_the_scraper_to_the_metrics_port_only(monitored):
+    policy = find(monitored, "NetworkPolicy")["spec"]["ingress"]
+    (metrics_rule,) = [r for r in policy if r["ports"][0]["port"] == "metrics"]
+    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "gmp-system"}}}]
+    others = [r for r in policy if r is not metrics_rule]
+    assert all(p["port"] == "http" for r in others for p in r["ports"])
+
+
+def test_both_rule_resources_carry_the_tested_alerts(monitored):
+    groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    assert find(monitored, "Rules")["spec"]["groups"] == groups
+    assert find(monitored, "PrometheusRule")["spec"]["groups"] == groups
+
+
+def test_monitoring_is_off_by_default_and_metrics_port_zero_removes_it_all(docs):
+    assert not [d for d in docs if d["kind"] in CUSTOM_RESOURCE_SPECS]
+    off = render("--set", "metrics.port=0", *MONITORING)
+    assert not [d for d in off if d["kind"] in CUSTOM_RESOURCE_SPECS]
+    (app,) = [c for c in find(off, "Deployment")["spec"]["template"]["spec"]["containers"]
+              if c["name"] == "app"]
+    assert [p["name"] for p in app["ports"]] == ["http"]
+    assert find(off, "ConfigMap")["data"]["METRICS_PORT"] == "0"
+
+
+def test_the_metrics_port_cannot_be_the_apis():
+    result = template("--set", "metrics.port=8080")
+    assert result.returncode != 0 and "metrics" in result.stderr
