@@ -21,7 +21,8 @@
 # Optional: TRAFFIC_STEPS (default "100", e.g. "10 50 100"), STEP_PAUSE_SECONDS
 #           (default 60), INVOKER (public, the default: anonymous API clients;
 #           or private: callers need roles/run.invoker and an ID token),
-#           REVISION_TAG (default built from the image digest)
+#           REVISION_TAG (default built from the image digest), RUNGMP_SECRET
+#           (default rungmp-config: the metrics sidecar's config, made by setup.sh)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -45,12 +46,14 @@ digest=${IMAGE##*@sha256:}
 REVISION_TAG=${REVISION_TAG:-d${digest:0:12}}
 REVISION="${SERVICE}-${REVISION_TAG}"
 SQL_INSTANCE=${CLOUDSQL_INSTANCE##*:}
-export PROJECT_ID SERVICE IMAGE CLOUDSQL_INSTANCE DATABASE_URL_SECRET RUNTIME_SERVICE_ACCOUNT REVISION
+RUNGMP_SECRET=${RUNGMP_SECRET:-rungmp-config}
+export PROJECT_ID SERVICE IMAGE CLOUDSQL_INSTANCE DATABASE_URL_SECRET RUNTIME_SERVICE_ACCOUNT REVISION \
+  RUNGMP_SECRET
 
 gc() { gcloud --project="$PROJECT_ID" --quiet "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
 render() {  # substitute only our own variables, never anything else in the file
-  envsubst '${PROJECT_ID} ${SERVICE} ${IMAGE} ${CLOUDSQL_INSTANCE} ${DATABASE_URL_SECRET} ${RUNTIME_SERVICE_ACCOUNT} ${REVISION}' <"$1"
+  envsubst '${PROJECT_ID} ${SERVICE} ${IMAGE} ${CLOUDSQL_INSTANCE} ${DATABASE_URL_SECRET} ${RUNTIME_SERVICE_ACCOUNT} ${REVISION} ${RUNGMP_SECRET}' <"$1"
 }
 workdir=$(mktemp -d)
 trap 'rm -rf "$workdir"' EXIT

@@ -8,6 +8,7 @@
 #           OIDC provider maps to; created here if missing)
 # Optional: INSTANCE (hello-birthday) DATABASE (hello) DB_USER (hello)
 #           REPOSITORY (apps) SECRET (database-url) RUNTIME_NAME (hello-birthday)
+#           RUNGMP_SECRET (rungmp-config: the metrics sidecar's RunMonitoring)
 #           TIER (db-custom-1-3840: max_connections 100, see the README's budget)
 #           PRIVATE_NETWORK (a VPC: the instance gets a private IP only, as the
 #           GKE chart's Cloud SQL Auth Proxy with privateIp expects)
@@ -19,6 +20,7 @@ DB_USER=${DB_USER:-hello}
 REPOSITORY=${REPOSITORY:-apps}
 SECRET=${SECRET:-database-url}
 RUNTIME_NAME=${RUNTIME_NAME:-hello-birthday}
+RUNGMP_SECRET=${RUNGMP_SECRET:-rungmp-config}
 TIER=${TIER:-db-custom-1-3840}
 RUNTIME="${RUNTIME_NAME}@${PROJECT_ID}.iam.gserviceaccount.com"
 
@@ -29,7 +31,7 @@ exists() { "$@" >/dev/null 2>&1; }
 step "APIs"
 gc services enable run.googleapis.com sqladmin.googleapis.com \
   artifactregistry.googleapis.com secretmanager.googleapis.com \
-  iamcredentials.googleapis.com iam.googleapis.com
+  iamcredentials.googleapis.com iam.googleapis.com monitoring.googleapis.com
 
 step "Artifact Registry repository $REPOSITORY"
 exists gc artifacts repositories describe "$REPOSITORY" --location="$REGION" ||
@@ -60,6 +62,11 @@ if ! exists gc secrets describe "$SECRET"; then
     gc secrets create "$SECRET" --replication-policy=automatic --data-file=-
 fi
 
+step "the metrics sidecar's configuration, secret $RUNGMP_SECRET"
+exists gc secrets describe "$RUNGMP_SECRET" ||
+  gc secrets create "$RUNGMP_SECRET" --replication-policy=automatic \
+    --data-file="$(dirname "$0")/rungmp-config.yaml"
+
 step "service accounts: runtime $RUNTIME, deployer $DEPLOYER_SERVICE_ACCOUNT"
 for account in "$RUNTIME" "$DEPLOYER_SERVICE_ACCOUNT"; do
   exists gc iam service-accounts describe "$account" ||
@@ -77,11 +84,15 @@ sys.exit(0 if any(b["role"] == sys.argv[2] and sys.argv[1] in b.get("members", [
       --condition=None >/dev/null
 }
 project_role "serviceAccount:$RUNTIME" roles/cloudsql.client
+# The metrics sidecar writes to Managed Service for Prometheus as the runtime account.
+project_role "serviceAccount:$RUNTIME" roles/monitoring.metricWriter
 for role in roles/run.admin roles/cloudsql.editor roles/artifactregistry.writer; do
   project_role "serviceAccount:$DEPLOYER_SERVICE_ACCOUNT" "$role"
 done
-gc secrets add-iam-policy-binding "$SECRET" --member="serviceAccount:$RUNTIME" \
-  --role=roles/secretmanager.secretAccessor >/dev/null
+for secret in "$SECRET" "$RUNGMP_SECRET"; do
+  gc secrets add-iam-policy-binding "$secret" --member="serviceAccount:$RUNTIME" \
+    --role=roles/secretmanager.secretAccessor >/dev/null
+done
 # The deployer deploys revisions that run as the runtime account, and mints
 # the smoke test's ID token by impersonating itself.
 gc iam service-accounts add-iam-policy-binding "$RUNTIME" \
@@ -92,4 +103,4 @@ gc iam service-accounts add-iam-policy-binding "$DEPLOYER_SERVICE_ACCOUNT" \
 
 step "done"
 echo "Deploy with cloudrun/deploy.sh: CLOUDSQL_INSTANCE=$PROJECT_ID:$REGION:$INSTANCE" \
-  "DATABASE_URL_SECRET=$SECRET RUNTIME_SERVICE_ACCOUNT=$RUNTIME"
+  "DATABASE_URL_SECRET=$SECRET RUNGMP_SECRET=$RUNGMP_SECRET RUNTIME_SERVICE_ACCOUNT=$RUNTIME"

@@ -28,7 +28,7 @@ def cloud_run() -> int:
     template = service["spec"]["template"]
     # No per-revision cap: a split would double it (two revisions, each capped).
     assert "autoscaling.knative.dev/maxScale" not in template["metadata"].get("annotations", {})
-    (container,) = template["spec"]["containers"]
+    (container,) = [c for c in template["spec"]["containers"] if c.get("ports")]  # the app
     env = {item["name"]: item.get("value") for item in container["env"]}
     pool = int(env["DB_POOL_SIZE"])
     assert template["spec"]["containerConcurrency"] <= pool  # no request waits for one

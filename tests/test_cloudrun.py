@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ VALUES = {
     "IMAGE": "europe-docker.pkg.dev/proj/apps/hello-birthday@sha256:" + "a" * 64,
     "CLOUDSQL_INSTANCE": "proj:europe-west1:db", "DATABASE_URL_SECRET": "database-url",
     "RUNTIME_SERVICE_ACCOUNT": "hello-birthday@proj.iam.gserviceaccount.com",
+    "RUNGMP_SECRET": "rungmp-config",
 }
 
 
@@ -43,8 +46,32 @@ def service() -> dict:
 
 @pytest.fixture(scope="module")
 def container(service) -> dict:
-    (only,) = service["spec"]["template"]["spec"]["containers"]
-    return only
+    """The ingress container: Cloud Run sends requests to the one with a port."""
+    (app,) = [c for c in service["spec"]["template"]["spec"]["containers"] if c.get("ports")]
+    return app
+
+
+def test_the_metrics_sidecar_scrapes_the_metrics_port_not_the_api(service, container):
+    template = service["spec"]["template"]
+    containers = {c["name"]: c for c in template["spec"]["containers"]}
+    collector = containers.pop("collector")
+    assert list(containers) == [container["name"]]
+    assert "cloud-run-gmp-sidecar" in collector["image"] and "ports" not in collector
+    dependencies = json.loads(template["metadata"]["annotations"][
+        "run.googleapis.com/container-dependencies"])
+    assert dependencies == {"collector": [container["name"]]}  # starts after the app
+    (mount,) = collector["volumeMounts"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == "/etc/rungmp"  # the sidecar reads config.yaml there
+    assert volume["secret"] == {"secretName": VALUES["RUNGMP_SECRET"],
+                                "items": [{"key": "latest", "path": "config.yaml"}]}
+    config = yaml.safe_load((CLOUDRUN / "rungmp-config.yaml").read_text())
+    assert (config["apiVersion"], config["kind"]) == ("monitoring.googleapis.com/v1beta",
+                                                      "RunMonitoring")
+    (endpoint,) = config["spec"]["endpoints"]
+    metrics_port = env_of(container)["METRICS_PORT"]["value"]
+    assert endpoint["port"] == metrics_port
+    assert int(metrics_port) != container["ports"][0]["containerPort"]
 
 
 def env_of(container: dict) -> dict:

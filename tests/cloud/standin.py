@@ -83,6 +83,14 @@ def not_found(what: str) -> ApiError:
     return ApiError(404, "NOT_FOUND", f"{what} not found")
 
 
+def ingress_container(template: dict) -> dict:
+    """The container that receives requests: the one that declares a port (Cloud
+    Run multi-container: exactly one may), or the only one."""
+    containers = template["spec"]["containers"]
+    with_ports = [c for c in containers if c.get("ports")]
+    return with_ports[0] if with_ports else containers[0]
+
+
 class Revision:
     """One immutable revision, served by its own real server process."""
 
@@ -99,10 +107,14 @@ class Revision:
     def start(self) -> None:
         """An instance: Cloud Run starts one when a request needs it (scale from zero)."""
         self.port = free_port()
-        container = self.template["spec"]["containers"][0]
+        container = ingress_container(self.template)
+        # Each Cloud Run instance has a localhost of its own; here they share
+        # one, so each gets its own metrics port. Sidecars (the managed-
+        # Prometheus collector) are not run: their images cannot be pulled here.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app"], cwd=ROOT,
-            env={**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)},
+            env={**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port),
+                 "METRICS_PORT": str(free_port())},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._probe(container.get("startupProbe") or {
             "httpGet": {"path": "/"}, "periodSeconds": 1, "failureThreshold": 30})
@@ -221,7 +233,7 @@ class Cloud:
                                    f"Revision named '{revision_name}' with different "
                                    "configuration already exists.")
                 if not existing:
-                    env = self.env_of(template["spec"]["containers"][0])
+                    env = self.env_of(ingress_container(template))
                     wrong_database = self.fault("next-revision-database")
                     if wrong_database:  # a revision wired to the wrong database
                         env["DATABASE_URL"] = str(wrong_database)

@@ -53,6 +53,14 @@ def test_setup_creates_everything_once_and_a_second_run_changes_nothing(tmp_path
         assert f"serviceAccount:{DEPLOYER}" in members(
             store, f"projects/p/serviceAccounts/{DEPLOYER}",
             "roles/iam.serviceAccountTokenCreator")
+        # The metrics sidecar: its RunMonitoring, readable by the runtime
+        # account, which may write metrics.
+        assert standin.cloud.secret_values["rungmp-config"] == \
+            (ROOT / "cloudrun" / "rungmp-config.yaml").read_text()
+        assert f"serviceAccount:{RUNTIME}" in members(
+            store, "projects/p/secrets/rungmp-config", "roles/secretmanager.secretAccessor")
+        assert f"serviceAccount:{RUNTIME}" in members(
+            store, "projects/p", "roles/monitoring.metricWriter")
         state = {k: v for k, v in store.items() if not k.startswith("policy:")}
         policies = {k: sorted((b["role"], sorted(b["members"])) for b in v.get("bindings", []))
                     for k, v in store.items() if k.startswith("policy:")}
