@@ -7,7 +7,7 @@ from datetime import date, datetime
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from app.validation import USERNAME_MAX_LENGTH
+from app.domain import USERNAME_MAX_LENGTH
 
 
 class User(SQLModel, table=True):

@@ -9,17 +9,21 @@ import zoneinfo
 from datetime import date, datetime, timezone, tzinfo
 from functools import lru_cache
 
+from app.domain import USERNAME_MAX_LENGTH
 from app.errors import Problem, bad_request, unprocessable
 
 MAX_BODY_BYTES = 1024
-USERNAME_MAX_LENGTH = 64
+# NFC composes at most 4 code points into 1: the longest canonical
+# decomposition (U+1F82, U+1FAF, ...) is 4 long. A raw name longer than this
+# cannot normalise to USERNAME_MAX_LENGTH letters, so it is refused before
+# paying for normalisation (a path can be 65 kB).
+MAX_RAW_USERNAME_LENGTH = USERNAME_MAX_LENGTH * 4
 _DATE_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def parse_username(raw: str) -> str:
     """NFC-normalise and check a username taken from the percent-decoded path."""
-    # Bound the work before normalising: NFC never grows a string by more than 3x.
-    if len(raw) > USERNAME_MAX_LENGTH * 4:
+    if len(raw) > MAX_RAW_USERNAME_LENGTH:
         raise _username_problem(f"is longer than {USERNAME_MAX_LENGTH} characters")
     name = unicodedata.normalize("NFC", raw)
     if not name:
