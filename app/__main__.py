@@ -18,7 +18,7 @@ import uvicorn
 
 from app.health import Readiness
 from app.main import create_app
-from app.settings import Settings, SettingsError, load_settings
+from app.settings import SettingsError
 
 logger = logging.getLogger("app.server")
 
@@ -54,11 +54,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def build_server(settings: Settings) -> DrainingServer:
-    from app.logging import configure_logging
-
-    configure_logging(settings)
-    app = create_app(settings)
+def build_server() -> DrainingServer:
+    app = create_app()  # reads the environment and configures logging
+    settings = app.state.settings
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -81,11 +79,10 @@ def build_server(settings: Settings) -> DrainingServer:
 
 def main() -> int:
     try:
-        settings = load_settings()
+        server = build_server()
     except SettingsError as error:
         print(f"hello-birthday: configuration error: {error}", file=sys.stderr)
         return 2
-    server = build_server(settings)
     server.run()
     logging.shutdown()  # flush every handler before the process goes
     return 0 if server.started else 1

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from app import tracing
 
@@ -16,8 +15,11 @@ PROBLEM_TYPE_PREFIX = "urn:hello-birthday:problem:"
 RETRY_AFTER_SECONDS = 1
 
 
-class Problem(Exception):
-    """An error a client can act on: rendered as application/problem+json."""
+class Problem(HTTPException):
+    """An error a client can act on: rendered as application/problem+json.
+
+    An HTTPException, so Starlette's own routing errors and ours share one
+    handler (``handle_http_exception``)."""
 
     def __init__(
         self,
@@ -28,12 +30,13 @@ class Problem(Exception):
         title: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(detail)
-        self.status = status
+        super().__init__(status, detail, headers or {})
         self.type = PROBLEM_TYPE_PREFIX + slug if slug else "about:blank"
         self.title = title or HTTPStatus(status).phrase
-        self.detail = detail
-        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return self.status_code
 
 
 def bad_request(slug: str, detail: str) -> Problem:
@@ -63,7 +66,7 @@ def internal_error() -> Problem:
 MAX_INSTANCE_LENGTH = 300
 
 
-def problem_body(problem: Problem, instance: str | None = None) -> bytes:
+def problem_document(problem: Problem, instance: str | None = None) -> dict[str, object]:
     body: dict[str, object] = {
         "type": problem.type,
         "title": problem.title,
@@ -77,16 +80,21 @@ def problem_body(problem: Problem, instance: str | None = None) -> bytes:
     trace_id = tracing.current_trace_id()
     if trace_id:
         body["traceId"] = trace_id
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return body
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+def problem_body(problem: Problem, instance: str | None = None) -> bytes:
+    """The document as bytes, for the pure ASGI middleware that answer on their own."""
+    return bytes(ProblemResponse(problem_document(problem, instance)).body)
 
 
 def problem_response(problem: Problem, instance: str | None = None) -> Response:
-    return Response(
-        problem_body(problem, instance),
-        status_code=problem.status,
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers=problem.headers,
-    )
+    return ProblemResponse(problem_document(problem, instance), status_code=problem.status,
+                           headers=problem.headers)
 
 
 # Starlette's own HTTP errors (routing) mapped to problem types.
@@ -96,15 +104,11 @@ _HTTP_DETAILS = {
 }
 
 
-async def handle_problem(request: Request, exc: Exception) -> Response:
-    # Registered for Problem only.
-    assert isinstance(exc, Problem)  # nosec B101
-    return problem_response(exc, request.url.path)
-
-
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
-    # Registered for HTTPException only.
+    # Registered for HTTPException, so Problem too.
     assert isinstance(exc, HTTPException)  # nosec B101
+    if isinstance(exc, Problem):
+        return problem_response(exc, request.url.path)
     slug, detail = _HTTP_DETAILS.get(exc.status_code, ("", HTTPStatus(exc.status_code).phrase))
     headers = dict(exc.headers or {})
     if "Allow" in headers:

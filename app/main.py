@@ -1,4 +1,10 @@
-"""The ASGI application: ``app.main:app``, built by ``create_app`` from settings."""
+"""The ASGI application, built by ``create_app``.
+
+Every way of starting it logs the same: ``python -m app`` (app/__main__.py)
+and ``uvicorn --factory app.main:create_app`` both call ``create_app()``
+without settings, which reads the environment and configures logging; tests
+pass settings and keep their own logging.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +44,11 @@ def create_app(
     clock: Clock = utc_now,
     database: Database | None = None,
 ) -> Starlette:
-    settings = settings or load_settings()
+    if settings is None:
+        from app.logging import configure_logging
+
+        settings = load_settings()
+        configure_logging(settings)
     db = database or open_database(settings)
     readiness = Readiness(db.schema_revisions)
     metrics = RequestMetrics() if settings.metrics_port else None
@@ -71,6 +81,7 @@ def create_app(
             if metrics_server is not None:
                 metrics_server.close()
             await db.close()
+            logger.info("hello-birthday stopped: requests finished, database connections closed")
 
     app = Starlette(
         routes=[
@@ -88,8 +99,7 @@ def create_app(
         ],
         # A bug's 500 is the access log middleware's (one log entry, not three).
         exception_handlers={
-            errors.Problem: errors.handle_problem,
-            HTTPException: errors.handle_http_exception,
+            HTTPException: errors.handle_http_exception,  # Problem is one
             DatabaseUnavailable: _database_unavailable,
         },
         lifespan=lifespan,
@@ -100,13 +110,3 @@ def create_app(
     app.state.readiness = readiness
     app.state.settings = settings
     return app
-
-
-def __getattr__(name: str):
-    # `app.main:app` is built on first access, so importing this module (tests,
-    # tools) does not read the environment.
-    if name == "app":
-        application = create_app()
-        globals()["app"] = application
-        return application
-    raise AttributeError(name)

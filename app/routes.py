@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from app import validation
 from app.birthday import greeting
@@ -36,14 +35,6 @@ register_url_convertor("anytext", AnyTextConvertor())
 
 # A greeting is personal data: no shared or private cache may keep it.
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _json(payload: dict) -> Response:
-    return Response(
-        json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
-        media_type="application/json",
-        headers=_NO_STORE,
-    )
 
 
 async def _read_body(request: Request, timeout: float) -> bytes:
@@ -98,7 +89,8 @@ async def hello(request: Request) -> Response:
     date_of_birth = await database.date_of_birth(username)
     if date_of_birth is None:
         raise _unknown_user(username)
-    return _json({"message": greeting(username, date_of_birth, today)})
+    return JSONResponse({"message": greeting(username, date_of_birth, today)},
+                        headers=_NO_STORE)
 
 
 def _unknown_user(username: str) -> Problem:

@@ -137,11 +137,14 @@ def main() -> int:
     database_url = server.create_database().replace("postgresql+psycopg://", "postgresql://")
     name = f"hello-birthday-smoke-{os.getpid()}"
     port = free_port()
+    metrics_port = free_port()
+    revision = run("git", "rev-parse", "HEAD", capture=True, check=False).stdout.strip()
     try:
         container_run("--rm", "-e", f"DATABASE_URL={database_url}", IMAGE,
                       "alembic", "upgrade", "head")
         container_run("-d", "--name", name, "-e", f"DATABASE_URL={database_url}",
                       "-e", f"PORT={port}", "-e", "HOST=127.0.0.1",
+                      "-e", f"METRICS_PORT={metrics_port}",
                       "-e", "SHUTDOWN_DRAIN_SECONDS=1", IMAGE)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -153,6 +156,9 @@ def main() -> int:
         assert put.status_code == 204, put.text
         greeting = httpx.get(url + "/hello/Container").json()["message"]
         assert greeting.startswith("Hello, Container!"), greeting
+        # The build's revision, baked in at build time, on the metrics port.
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert f'revision="{revision or "unknown"}"' in scraped, scraped[:500]
 
         uid = run(*PODMAN, "exec", name, "python", "-c", "import os; print(os.getuid())",
                   capture=True).stdout.strip()
@@ -167,7 +173,7 @@ def main() -> int:
                                capture=True).stdout)
         logs = run(*PODMAN, "logs", name, capture=True).stdout
         assert state["ExitCode"] == 0, state
-        assert "Finished server process" in logs
+        assert "hello-birthday stopped" in logs
     finally:
         run(*PODMAN, "rm", "--force", name, check=False, capture=True)
         server.drop_all()

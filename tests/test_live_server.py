@@ -109,5 +109,48 @@ def test_sigterm_exits_zero_and_flushes_logs(postgres_url):
     live.terminate()
     assert live.wait(timeout=20) == 0
     logged = [json.loads(line) for line in live.output.splitlines() if line.startswith("{")]
-    assert any(entry.get("httpRequest", {}).get("requestUrl") == "/healthz" for entry in logged)
-    assert logged[-1]["message"].startswith("Finished server process")
+    messages = [entry["message"] for entry in logged]
+    served = [i for i, entry in enumerate(logged)
+              if entry.get("httpRequest", {}).get("requestUrl") == "/healthz"]
+    stopped = [i for i, message in enumerate(messages)
+               if message.startswith("hello-birthday stopped")]
+    assert served and stopped and served[-1] < stopped[0], messages
+
+
+def test_uvicorns_own_cli_with_the_factory_logs_as_python_m_app_does(sqlite_url):
+    """`uvicorn --factory app.main:create_app` and `python -m app` configure the
+    same logging: every line JSON on stdout, the same fields, one access line."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.live_server import free_port, wait_ready
+
+    def lines_of(command: list[str], port: int) -> list[dict]:
+        env = {**os.environ, "DATABASE_URL": sqlite_url, "LOG_FORMAT": "json",
+               "PORT": str(port), "HOST": "127.0.0.1", "METRICS_PORT": "0"}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", 30, interval=0.1)
+            httpx.get(f"http://127.0.0.1:{port}/hello/Nobody")
+        finally:
+            process.terminate()
+            out, err = process.communicate(timeout=30)
+        assert not err.strip(), err
+        return [json.loads(line) for line in out.splitlines()]
+
+    port = free_port()
+    ours = lines_of([sys.executable, "-m", "app"], port)
+    port = free_port()
+    theirs = lines_of([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+                       "--host", "127.0.0.1", "--port", str(port)], port)
+
+    def shape(lines: list[dict]) -> set:
+        return {(line["logger"], tuple(sorted(line))) for line in lines
+                if line["logger"] in ("app", "app.access")}
+
+    assert shape(ours) == shape(theirs)
+    access = [line for line in theirs if line["logger"] == "app.access"]
+    assert [line["httpRequest"]["status"] for line in access
+            if line["httpRequest"]["requestUrl"] == "/hello/Nobody"] == [404]
