@@ -10,15 +10,29 @@ from openapi_spec_validator import validate
 from starlette.testclient import TestClient
 
 from app.main import create_app
-from app.openapi import build_document
+from app.openapi import document
 from tests.conftest import make_settings
 
-DOCUMENT = build_document()
+DOCUMENT = document()
 
 
 def test_document_is_valid_openapi_3_1():
     validate(DOCUMENT)
     assert DOCUMENT["openapi"] == "3.1.0"
+
+
+def test_the_documents_limits_are_the_codes():
+    from app import __version__
+    from app.domain import USERNAME_MAX_LENGTH
+    from app.validation import MAX_BODY_BYTES
+
+    assert DOCUMENT["info"]["version"] == __version__
+    (username,) = [p for p in DOCUMENT["paths"]["/hello/{username}"]["parameters"]
+                   if p["name"] == "username"]
+    assert username["schema"]["maxLength"] == USERNAME_MAX_LENGTH
+    assert f"1 to {USERNAME_MAX_LENGTH} " in username["description"]
+    too_large = DOCUMENT["paths"]["/hello/{username}"]["put"]["responses"]["413"]
+    assert str(MAX_BODY_BYTES) in too_large["description"]
 
 
 def check_against_document(method: str, template: str, response) -> None:
