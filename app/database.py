@@ -21,9 +21,10 @@ import logging
 import socket
 import sqlite3
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.settings import Settings
 
@@ -176,6 +177,9 @@ class PostgresDatabase:
         self.url = settings.libpq_url
         self._readiness_connection = None
         self.stats = DatabaseStats()
+        # When each pooled connection last proved good; weak, so a connection
+        # the pool drops is forgotten with it.
+        self._last_good: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.pool = _make_pool_class()(
             settings.libpq_url,
             min_size=settings.db_pool_size,
@@ -201,10 +205,9 @@ class PostgresDatabase:
     # One that died within the window fails its statement, which is retried.
     CHECK_AFTER_IDLE_SECONDS = 1.0
 
-    @staticmethod
-    async def _mark_fresh(connection) -> None:
+    async def _mark_fresh(self, connection) -> None:
         # Just connected: known good, so its first request skips the check.
-        connection.info_last_used = time.monotonic()
+        self._last_good[connection] = time.monotonic()
 
     async def _checked_connection(self, always_check: bool = False):
         """A pooled connection that is known to work.
@@ -217,8 +220,8 @@ class PostgresDatabase:
         deadline = time.monotonic() + self.pool_timeout
         for _ in range(self.pool_size + 1):
             connection = await self.pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
-            last_used = getattr(connection, "info_last_used", 0.0)
-            if not always_check and time.monotonic() - last_used <= self.CHECK_AFTER_IDLE_SECONDS:
+            last_good = self._last_good.get(connection, 0.0)
+            if not always_check and time.monotonic() - last_good <= self.CHECK_AFTER_IDLE_SECONDS:
                 return connection
             watchdog = asyncio.get_running_loop().call_later(
                 max(0.001, deadline - time.monotonic()), _sever, connection
@@ -322,7 +325,7 @@ class PostgresDatabase:
             watchdog.cancel()
         # Marked here, not in a pool reset hook: a hook sends every return
         # through the pool's worker task, a measurable cost.
-        connection.info_last_used = time.monotonic()
+        self._last_good[connection] = time.monotonic()
         await self.pool.putconn(connection)
         return result
 
