@@ -137,11 +137,7 @@ def configure_logging(settings: Settings, stream=None) -> logging.Handler:
     return handler
 
 
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+_LEVEL_NAMES = {logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR"}
 
 
 class AccessLogMiddleware:
@@ -166,9 +162,21 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        token = tracing.current.set(
-            tracing.parse(_header(scope, b"traceparent"), _header(scope, b"x-cloud-trace-context"))
-        )
+        # One pass over the headers for everything the line and the trace need.
+        user_agent = forwarded = traceparent = cloud_trace = None
+        for key, value in scope["headers"]:
+            if key == b"user-agent":
+                user_agent = value
+            elif key == b"x-forwarded-for":
+                forwarded = value
+            elif key == b"traceparent":
+                traceparent = value
+            elif key == b"x-cloud-trace-context":
+                cloud_trace = value
+        trace = tracing.parse(traceparent.decode("latin-1"), None) if traceparent else None
+        if trace is None and cloud_trace:
+            trace = tracing.parse(None, cloud_trace.decode("latin-1"))
+        token = tracing.current.set(trace)
         status = 0
         error: Exception | None = None
         metrics = self.metrics
@@ -190,42 +198,16 @@ class AccessLogMiddleware:
             status = 500
         finally:
             latency = time.perf_counter() - started
-            self._log(scope, status or 500, latency, error)
+            self._log(scope, status or 500, latency, error, trace,
+                      user_agent.decode("latin-1") if user_agent else "",
+                      forwarded.decode("latin-1") if forwarded else None)
             if metrics is not None:
                 metrics.in_flight -= 1
                 metrics.observe(scope, status or 500, latency)
             tracing.current.reset(token)
 
-    def _write_json(self, handler, level: int, http_request: dict, latency: float) -> None:
-        # The per-request line skips LogRecord, Formatter and json.dumps of a
-        # nested dict: through the logging machinery it cost ~40 us a request,
-        # a tenth of the service's budget in `nox -s bench`. Strings that come
-        # from the client are JSON-escaped; everything else is ours.
-        trace = trace_fields(tracing.current.get(), self.project)
-        line = _ACCESS_LINE % (
-            logging.getLevelName(level),
-            _quote(f"{http_request['requestMethod']} {http_request['requestUrl']} "
-                   f"{http_request['status']} {latency * 1000:.1f}ms"),
-            datetime.now(timezone.utc).isoformat(),
-            _quote(http_request["requestMethod"]),
-            _quote(http_request["requestUrl"]),
-            http_request["status"],
-            http_request["latency"],
-            _quote(http_request["userAgent"]),
-            _quote(http_request["remoteIp"]),
-            _quote(http_request["protocol"]),
-            "," + json.dumps(trace, separators=(",", ":"))[1:-1] if trace else "",
-        )
-        with handler.lock:
-            handler.stream.write(line)
-        # One flush per event-loop turn for all lines written in it, instead
-        # of a write system call per line.
-        global _flush_scheduled
-        if not _flush_scheduled:
-            _flush_scheduled = True
-            asyncio.get_running_loop().call_soon(_flush, handler)
-
-    def _log(self, scope, status: int, latency: float, error: Exception | None = None) -> None:
+    def _log(self, scope, status: int, latency: float, error: Exception | None,
+             trace: tracing.Trace | None, user_agent: str, forwarded: str | None) -> None:
         # A 503 is the service working as designed while the database is away
         # (app.database logs why): a warning. Any other 5xx is an error.
         level = logging.ERROR if status >= 500 and status != 503 else (
@@ -235,29 +217,42 @@ class AccessLogMiddleware:
             return
         client = scope.get("client")
         peer = client[0] if client else ""
-        http_request = {
-            "requestMethod": scope["method"],
-            "requestUrl": bounded_path(scope["path"]),
-            "status": status,
-            "latency": f"{latency:.6f}s",
-            "userAgent": _header(scope, b"user-agent") or "",
-            "remoteIp": client_address(
-                _header(scope, b"x-forwarded-for"), peer, self.forwarded_hops
-            ) if self.forwarded_hops else peer,
-            "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
-        }
+        remote = client_address(forwarded, peer, self.forwarded_hops) \
+            if self.forwarded_hops else peer
+        method = scope["method"]
+        path = bounded_path(scope["path"])
+        protocol = f"HTTP/{scope.get('http_version', '1.1')}"
         handler = _json_handler
         if handler is not None and error is None:
-            self._write_json(handler, level, http_request, latency)
+            # The per-request line is written directly: no LogRecord, Formatter
+            # or json.dumps of a nested dict. Strings that come from the
+            # client are JSON-escaped; everything else is ours.
+            fields = trace_fields(trace, self.project)
+            line = _ACCESS_LINE % (
+                _LEVEL_NAMES[level],
+                _quote(f"{method} {path} {status} {latency * 1000:.1f}ms"),
+                datetime.now(timezone.utc).isoformat(),
+                _quote(method), _quote(path), status, f"{latency:.6f}s",
+                _quote(user_agent), _quote(remote), _quote(protocol),
+                "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
+            )
+            with handler.lock:
+                handler.stream.write(line)
+            # One flush per event-loop turn for all lines written in it, where
+            # the stream buffers (PYTHONUNBUFFERED, the image's setting, makes
+            # every write reach the file at once and this flush a no-op).
+            global _flush_scheduled
+            if not _flush_scheduled:
+                _flush_scheduled = True
+                asyncio.get_running_loop().call_soon(_flush, handler)
             return
         access_logger.log(
-            level,
-            "%s %s %d %.1fms",
-            scope["method"],
-            http_request["requestUrl"],
-            status,
-            latency * 1000,
-            extra={"http_request": http_request},
+            level, "%s %s %d %.1fms", method, path, status, latency * 1000,
+            extra={"http_request": {
+                "requestMethod": method, "requestUrl": path, "status": status,
+                "latency": f"{latency:.6f}s", "userAgent": user_agent, "remoteIp": remote,
+                "protocol": protocol,
+            }},
             exc_info=error,
         )
 
