@@ -72,6 +72,9 @@ def tests(session: nox.Session) -> None:
         "--ignore=tests/test_helm.py",  # run by `nox -s helm`, which provides helm
         "--ignore=tests/cloud",  # run by `nox -s cloudrun`, in a network namespace
         "--ignore=tests/test_alerts.py",  # run by `nox -s alerts`, which provides promtool
+        # Minutes-long tests (the 70 s outage) run once, on the first Python;
+        # their shorter siblings run on every one.
+        *([] if session.python == PYTHONS[0] else ["-m", "not long"]),
         *session.posargs,
         env=test_database_env(),
     )
@@ -167,8 +170,6 @@ def fuzz(session: nox.Session) -> None:
     """schemathesis against python -m app on PostgreSQL, driven by /openapi.json."""
     install_locked(session, MAIN_LOCK, DEV_LOCK, str(REQ / "fuzz.txt"))
     session.run("python", "-m", "tests.fuzz", *session.posargs, env=test_database_env())
-
-
 
 
 def ensure_helm(session: nox.Session) -> str:
