@@ -85,7 +85,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/hello/{username:anytext}", routes.hello, methods=["GET", "PUT", "DELETE"]),
+            Route("/hello/{username:anytext}", routes.Hello),
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

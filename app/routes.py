@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import date
 
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
@@ -65,32 +67,44 @@ async def _read_body(request: Request, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-async def hello(request: Request) -> Response:
-    username = validation.parse_username(request.path_params["username"])
-    method = request.method
-    database = request.state.database
-    if method == "DELETE":
-        if not await database.delete(username):
+class Hello(HTTPEndpoint):
+    """/hello/{username}: Starlette dispatches on the method and answers 405
+    with Allow for the others; HEAD is served as GET (uvicorn sends no body)."""
+
+    async def get(self, request: Request) -> Response:
+        username = validation.parse_username(request.path_params["username"])
+        today = _today(request)
+        date_of_birth = await request.state.database.date_of_birth(username)
+        if date_of_birth is None:
+            raise _unknown_user(username)
+        return JSONResponse({"message": greeting(username, date_of_birth, today)},
+                            headers=_NO_STORE)
+
+    head = get
+
+    async def put(self, request: Request) -> Response:
+        username = validation.parse_username(request.path_params["username"])
+        today = _today(request)
+        validation.check_content_type(request.headers.get("content-type"))
+        body = await _read_body(request, request.state.body_read_timeout)
+        date_of_birth = validation.parse_date_of_birth(body, today)
+        await request.state.database.upsert(username, date_of_birth)
+        return Response(status_code=_NO_CONTENT)
+
+    async def delete(self, request: Request) -> Response:
+        username = validation.parse_username(request.path_params["username"])
+        if not await request.state.database.delete(username):
             raise _unknown_user(username)
         return Response(status_code=_NO_CONTENT)
 
+
+def _today(request: Request) -> date:
+    """Today in the zone of ?tz= (UTC without one), by the injected clock."""
     # Most requests have no query string; skip parsing one.
     zone = validation.parse_timezone(
         request.query_params.getlist("tz") if request.scope["query_string"] else []
     )
-    today = validation.today_in(zone, request.state.clock())
-    if method == "PUT":
-        validation.check_content_type(request.headers.get("content-type"))
-        body = await _read_body(request, request.state.body_read_timeout)
-        date_of_birth = validation.parse_date_of_birth(body, today)
-        await database.upsert(username, date_of_birth)
-        return Response(status_code=_NO_CONTENT)
-
-    date_of_birth = await database.date_of_birth(username)
-    if date_of_birth is None:
-        raise _unknown_user(username)
-    return JSONResponse({"message": greeting(username, date_of_birth, today)},
-                        headers=_NO_STORE)
+    return validation.today_in(zone, request.state.clock())
 
 
 def _unknown_user(username: str) -> Problem:
