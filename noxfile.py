@@ -25,8 +25,8 @@ SAFETY_LOCK = str(REQ / "safety.txt")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Gates: what .ci/run and every CircleCI branch build run.
-GATES = ["tests", "lint", "bandit", "safety", "licenses", "fuzz", "helm", "alerts", "cloudrun",
-         "container", "gke-local", "ci-config", "sbom"]
+GATES = ["tests", "lint", "mypy", "bandit", "safety", "licenses", "fuzz", "helm", "alerts",
+         "cloudrun", "container", "gke-local", "ci-config", "sbom"]
 
 nox.options.sessions = GATES
 nox.options.reuse_venv = "yes"
@@ -86,6 +86,13 @@ def lint(session: nox.Session) -> None:
     install_locked(session, TOOLS_LOCK)
     paths = ["app", "migrations", "tests", "benchmarks", "noxfile.py"]
     session.run("flake8", *(session.posargs or paths))
+
+
+@nox.session
+def mypy(session: nox.Session) -> None:
+    """mypy --strict on app/ (pyproject.toml's [tool.mypy]), with the runtime's own types."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
+    session.run("mypy", *session.posargs)
 
 
 @nox.session

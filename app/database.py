@@ -24,9 +24,15 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily at run time: see PostgresDatabase
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+Params = tuple[object, ...]
 
 logger = logging.getLogger("app.database")
 
@@ -75,7 +81,7 @@ PG_DELETE = "DELETE FROM users WHERE username = %s"
 SCHEMA_REVISION = "SELECT version_num FROM alembic_version"
 
 
-def _sever(connection) -> None:
+def _sever(connection: AsyncConnection[Any]) -> None:
     """Shut the connection's socket down so that whatever waits on it fails now.
 
     The deadline on a query is enforced this way rather than by cancelling the
@@ -135,7 +141,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(error).__name__
 
 
-def _make_pool_class():
+def _make_pool_class() -> type[AsyncConnectionPool[AsyncConnection[Any]]]:
     from psycopg_pool import AsyncConnectionPool
     from psycopg_pool.base import AttemptWithBackoff
 
@@ -150,7 +156,8 @@ def _make_pool_class():
             self.delay = min(self.delay, self.MAX_DELAY)
 
     class Pool(AsyncConnectionPool):
-        async def _add_connection(self, attempt=None, growing: bool = False) -> None:
+        async def _add_connection(self, attempt: AttemptWithBackoff | None = None,
+                                  growing: bool = False) -> None:
             attempt = attempt or CappedBackoff(timeout=self.reconnect_timeout)
             await super()._add_connection(attempt, growing=growing)
 
@@ -175,7 +182,7 @@ class PostgresDatabase:
         self.pool_size = settings.db_pool_size
         self.statement_timeout = settings.db_statement_timeout
         self.url = settings.libpq_url
-        self._readiness_connection = None
+        self._readiness_connection: AsyncConnection[Any] | None = None
         self.stats = DatabaseStats()
         # When each pooled connection last proved good; weak, so a connection
         # the pool drops is forgotten with it.
@@ -205,11 +212,11 @@ class PostgresDatabase:
     # One that died within the window fails its statement, which is retried.
     CHECK_AFTER_IDLE_SECONDS = 1.0
 
-    async def _mark_fresh(self, connection) -> None:
+    async def _mark_fresh(self, connection: AsyncConnection[Any]) -> None:
         # Just connected: known good, so its first request skips the check.
         self._last_good[connection] = time.monotonic()
 
-    async def _checked_connection(self, always_check: bool = False):
+    async def _checked_connection(self, always_check: bool = False) -> AsyncConnection[Any]:
         """A pooled connection that is known to work.
 
         Stale connections (a database restart, a dropped TCP path) are found
@@ -239,7 +246,7 @@ class PostgresDatabase:
             return connection
         raise TimeoutError("no working database connection")
 
-    async def _discard(self, connection) -> None:
+    async def _discard(self, connection: AsyncConnection[Any]) -> None:
         """Close a connection and hand it back: the pool drops it and opens a new one."""
         await connection.close()
         await self.pool.putconn(connection)
@@ -260,9 +267,9 @@ class PostgresDatabase:
         return sqlstate[:2] in RETRY_SQLSTATE_CLASSES or sqlstate in RETRY_SQLSTATES
 
     def pool_stats(self) -> dict[str, int]:
-        return self.pool.get_stats()
+        return dict(self.pool.get_stats())
 
-    async def _execute(self, query: str, params: tuple, fetch: bool):
+    async def _execute(self, query: str, params: Params, fetch: bool) -> Any:
         try:
             result = await self._execute_once_or_twice(query, params, fetch)
         except DatabaseUnavailable:
@@ -274,7 +281,7 @@ class PostgresDatabase:
         self.stats.outcome("ok")
         return result
 
-    async def _execute_once_or_twice(self, query: str, params: tuple, fetch: bool):
+    async def _execute_once_or_twice(self, query: str, params: Params, fetch: bool) -> Any:
         try:
             return await self._attempt(query, params, fetch, retry=False)
         except _Retry as retry:
@@ -289,7 +296,7 @@ class PostgresDatabase:
         logger.warning("database unavailable: %s", _describe(error))
         return DatabaseUnavailable(_describe(error))
 
-    async def _attempt(self, query: str, params: tuple, fetch: bool, retry: bool):
+    async def _attempt(self, query: str, params: Params, fetch: bool, retry: bool) -> Any:
         try:
             connection = await self._checked_connection(always_check=retry)
         except Exception as error:
@@ -337,7 +344,7 @@ class PostgresDatabase:
         return rows[0][0] if rows else None
 
     async def delete(self, username: str) -> bool:
-        return await self._execute(PG_DELETE, (username,), fetch=False) > 0
+        return bool(await self._execute(PG_DELETE, (username,), fetch=False) > 0)
 
     async def schema_revisions(self) -> set[str]:
         """The alembic revisions stored, read on readiness's own connection.
@@ -349,7 +356,7 @@ class PostgresDatabase:
         connection = self._readiness_connection
         try:
             if connection is None or connection.closed:
-                connection = self._readiness_connection = await asyncio.wait_for(
+                fresh: AsyncConnection[Any] = await asyncio.wait_for(
                     psycopg.AsyncConnection.connect(
                         self.url, autocommit=True, connect_timeout=2,
                         application_name="hello-birthday-readiness",
@@ -357,6 +364,7 @@ class PostgresDatabase:
                     ),
                     self.READINESS_TIMEOUT + 2,
                 )
+                connection = self._readiness_connection = fresh
             watchdog = asyncio.get_running_loop().call_later(
                 self.READINESS_TIMEOUT + self.CLIENT_DEADLINE_MARGIN, _sever, connection
             )
@@ -409,7 +417,7 @@ class SqliteDatabase:
     async def close(self) -> None:
         return None
 
-    def _run(self, query: str, params: tuple, fetch: bool):
+    def _run(self, query: str, params: Params, fetch: bool) -> Any:
         connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
             cursor = connection.execute(query, params)
@@ -417,7 +425,7 @@ class SqliteDatabase:
         finally:
             connection.close()
 
-    async def _execute(self, query: str, params: tuple, fetch: bool):
+    async def _execute(self, query: str, params: Params, fetch: bool) -> Any:
         try:
             async with asyncio.timeout(self.timeout):
                 result = await asyncio.to_thread(self._run, query, params, fetch)
@@ -441,7 +449,7 @@ class SqliteDatabase:
         return date.fromisoformat(rows[0][0]) if rows else None
 
     async def delete(self, username: str) -> bool:
-        return await self._execute(SQLITE_DELETE, (username,), fetch=False) > 0
+        return bool(await self._execute(SQLITE_DELETE, (username,), fetch=False) > 0)
 
     async def schema_revisions(self) -> set[str]:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from app.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, Problem, problem_body
 from app.metrics import RequestMetrics
 
@@ -23,14 +25,14 @@ class ConcurrencyLimit:
     GKE) never count against it. The probes are never refused.
     """
 
-    def __init__(self, app, limit: int, metrics: RequestMetrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, limit: int, metrics: RequestMetrics | None = None) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
         self.in_flight = 0
         self.rejected = 0
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in ("/healthz", "/readyz"):
             await self.app(scope, receive, send)
             return

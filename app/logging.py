@@ -17,10 +17,13 @@ import logging
 import sys
 import time
 from datetime import datetime, timezone
+from typing import TextIO
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import tracing
 from app.errors import PROBLEM_MEDIA_TYPE, internal_error, problem_body
 from app.metrics import RequestMetrics
-from app import tracing
 from app.proxy import client_address
 from app.settings import Settings
 
@@ -31,7 +34,7 @@ SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
 access_logger = logging.getLogger("app.access")
 # The handler configure_logging installed when it writes JSON; access lines go
 # straight to it (see AccessLogMiddleware._log).
-_json_handler: logging.StreamHandler | None = None
+_json_handler: logging.StreamHandler[TextIO] | None = None
 
 
 _ACCESS_LINE = (
@@ -55,13 +58,13 @@ def bounded_path(path: str) -> str:
 _flush_scheduled = False
 
 
-def _flush(handler: logging.StreamHandler) -> None:
+def _flush(handler: logging.StreamHandler[TextIO]) -> None:
     global _flush_scheduled
     _flush_scheduled = False
     handler.flush()
 
 
-def trace_fields(trace: tracing.Trace | None, project: str | None) -> dict | None:
+def trace_fields(trace: tracing.Trace | None, project: str | None) -> dict[str, object] | None:
     """Cloud Logging's trace fields. Without a project the trace is the bare id,
     as google-cloud-logging writes it (tests/test_cloud_logging.py)."""
     if trace is None:
@@ -86,7 +89,7 @@ class CloudLoggingFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message = f"{message}\n{self.formatException(record.exc_info)}"
-        entry = {
+        entry: dict[str, object] = {
             "severity": record.levelname,
             "message": message,
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
@@ -111,14 +114,14 @@ class TerminalFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
 
-def configure_logging(settings: Settings, stream=None) -> logging.Handler:
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> logging.Handler:
     """Route every logger (ours, uvicorn's) through one handler on stdout."""
     global _json_handler
     stream = stream or sys.stdout
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not stream.isatty()
     )
-    handler = logging.StreamHandler(stream)
+    handler: logging.StreamHandler[TextIO] = logging.StreamHandler(stream)
     handler.setFormatter(
         CloudLoggingFormatter(settings.google_cloud_project) if use_json else TerminalFormatter()
     )
@@ -150,14 +153,14 @@ class AccessLogMiddleware:
     logged the same traceback twice more).
     """
 
-    def __init__(self, app, project: str | None, forwarded_hops: int = 0,
+    def __init__(self, app: ASGIApp, project: str | None, forwarded_hops: int = 0,
                  metrics: RequestMetrics | None = None) -> None:
         self.app = app
         self.project = project
         self.forwarded_hops = forwarded_hops
         self.metrics = metrics
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -183,7 +186,7 @@ class AccessLogMiddleware:
         if metrics is not None:
             metrics.in_flight += 1
 
-        async def send_and_record(message) -> None:
+        async def send_and_record(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -206,7 +209,7 @@ class AccessLogMiddleware:
                 metrics.observe(scope, status or 500, latency)
             tracing.current.reset(token)
 
-    def _log(self, scope, status: int, latency: float, error: Exception | None,
+    def _log(self, scope: Scope, status: int, latency: float, error: Exception | None,
              trace: tracing.Trace | None, user_agent: str, forwarded: str | None) -> None:
         # A 503 is the service working as designed while the database is away
         # (app.database logs why): a warning. Any other 5xx is an error.
@@ -236,8 +239,11 @@ class AccessLogMiddleware:
                 _quote(user_agent), _quote(remote), _quote(protocol),
                 "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
             )
-            with handler.lock:
+            handler.acquire()
+            try:
                 handler.stream.write(line)
+            finally:
+                handler.release()
             # One flush per event-loop turn for all lines written in it, where
             # the stream buffers (PYTHONUNBUFFERED, the image's setting, makes
             # every write reach the file at once and this flush a no-op).
@@ -257,7 +263,7 @@ class AccessLogMiddleware:
         )
 
 
-async def _send_internal_error(scope, send) -> None:
+async def _send_internal_error(scope: Scope, send: Send) -> None:
     body = problem_body(internal_error(), scope.get("path"))
     await send({
         "type": "http.response.start",

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route, Router
 
 from app import errors, health, openapi, routes
@@ -34,7 +36,7 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def _database_unavailable(request, exc):
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
     return errors.problem_response(errors.database_unavailable(), request.url.path)
 
 
@@ -54,7 +56,7 @@ def create_app(
     metrics = RequestMetrics() if settings.metrics_port else None
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, object]]:
         await db.open()
         logger.info(
             "hello-birthday %s (revision %s) serving on the %s database",

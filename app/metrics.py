@@ -25,7 +25,11 @@ from __future__ import annotations
 import logging
 import threading
 from bisect import bisect_left
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 logger = logging.getLogger("app.metrics")
 
@@ -58,7 +62,7 @@ class RequestMetrics:
         self.requests[key] = self.requests.get(key, 0) + 1
         histogram = self.latency.get(key[:2])
         if histogram is None:
-            histogram = self.latency[key[:2]] = [0] * (len(LATENCY_BUCKETS) + 2)
+            histogram = self.latency[key[:2]] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         histogram[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram[-1] += seconds
 
@@ -74,7 +78,7 @@ class Collector:
         self.version = version
         self.revision = revision
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
 
@@ -100,13 +104,14 @@ class Collector:
         latency = HistogramMetricFamily(
             PREFIX + "http_request_duration_seconds", "Time from the request's arrival to "
             "the end of its response, by route template and method.", labels=("route", "method"))
-        for labels, counts in dict(self.requests.latency).items():
-            counts = list(counts)
-            cumulative, buckets = 0.0, []
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts[:-1]):
-                cumulative += count
+        for route_method, recorded in dict(self.requests.latency).items():
+            counts = list(recorded)
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, in_bucket in zip((*LATENCY_BUCKETS, float("inf")), counts[:-1]):
+                cumulative += in_bucket
                 buckets.append((_bound(bound), cumulative))
-            latency.add_metric(labels, buckets, sum_value=counts[-1])
+            latency.add_metric(route_method, buckets, sum_value=counts[-1])
         yield latency
         yield gauge("http_requests_in_flight", "Requests being served now.",
                     self.requests.in_flight)

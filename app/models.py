@@ -29,4 +29,4 @@ class User(SQLModel, table=True):
     )
 
 
-users = User.__table__
+users = SQLModel.metadata.tables["users"]

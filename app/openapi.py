@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 
 @lru_cache(maxsize=1)
-def document() -> dict:
-    return json.loads(resources.files("app").joinpath("openapi.json").read_bytes())
+def document() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(
+        resources.files("app").joinpath("openapi.json").read_bytes())
+    return loaded
 
 
 @lru_cache(maxsize=1)

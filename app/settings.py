@@ -7,7 +7,8 @@ variable; ``python -m app`` prints it on one line and exits 2.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 from dataclasses import dataclass
 
 from app import __version__
@@ -15,6 +16,9 @@ from app import __version__
 DEFAULT_SQLITE_PATH = "hello-birthday.sqlite3"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "text")
+
+
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -105,21 +109,24 @@ def normalise_database_url(raw: str) -> str:
     )
 
 
-def _number(env: Mapping[str, str], name: str, default, kind, minimum, maximum=None):
+def _number(env: Mapping[str, str], name: str, default: N, kind: Callable[[str], N],
+            minimum: N, maximum: N | None = None) -> N:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = kind(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+        raise SettingsError(
+            f"{name} must be a {getattr(kind, '__name__', kind)}, got {raw!r}") from None
     if value != value or value < minimum or (maximum is not None and value > maximum):
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise SettingsError(f"{name} must be {bounds}, got {raw!r}")
     return value
 
 
-def _choice(env: Mapping[str, str], name: str, default: str, choices, upper: bool) -> str:
+def _choice(env: Mapping[str, str], name: str, default: str, choices: Sequence[str],
+            upper: bool) -> str:
     raw = env.get(name, "").strip()
     if not raw:
         return default
