@@ -23,7 +23,7 @@ import sys
 import httpx2 as httpx
 
 from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
-from tests.live_server import NotReady, free_port, wait_ready
+from tests.live_server import NotReady, free_port, get_when_up, wait_ready
 
 IMAGE = "localhost/hello-birthday:smoke"
 # podman/buildah here (no Docker engine on the build machines); docker on CircleCI.
@@ -157,7 +157,7 @@ def main() -> int:
         greeting = httpx.get(url + "/hello/Container").json()["message"]
         assert greeting.startswith("Hello, Container!"), greeting
         # The build's revision, baked in at build time, on the metrics port.
-        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        scraped = get_when_up(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert f'revision="{revision or "unknown"}"' in scraped, scraped[:500]
 
         uid = run(*PODMAN, "exec", name, "python", "-c", "import os; print(os.getuid())",

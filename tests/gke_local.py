@@ -50,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
 from tests.container_smoke import (IMAGE, PODMAN, base_image, build, ensure_base, ensure_engine,
                                    run)
+from tests.live_server import get_when_up
 
 RELEASE = "hb"
 NAMESPACE = "hello-birthday"
@@ -337,7 +338,7 @@ def check_server(docs: list[dict]) -> None:
         message = httpx.get(base + "/hello/Pod").json()["message"]
         assert message.startswith("Hello, Pod!"), message
         # What the PodMonitoring scrapes: the rendered metrics port, not the public one.
-        scraped = httpx.get(metrics, timeout=5).text
+        scraped = get_when_up(metrics).text
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for family in text_string_to_metric_families(scraped)
                    for s in family.samples}

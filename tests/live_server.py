@@ -61,6 +61,19 @@ def kubelet_probe(url: str, probe: dict, timeout_budget: float) -> float:
         time.sleep(probe["periodSeconds"])
 
 
+def get_when_up(url: str, timeout: float = 10) -> httpx.Response:
+    """GET a URL whose server may still be starting: the metrics port opens from
+    its own thread just after the app is ready (app/metrics.py)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class LiveServer:
     def __init__(self, database_url: str, cwd: Path = ROOT, **env: str) -> None:
         """``cwd``: the checkout whose ``app`` package runs (another release's, say)."""

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, get_when_up
 
 RULES = ROOT / "helm" / "hello-birthday" / "files" / "alerts.yaml"
 LABELS = {"namespace": "apps", "job": "hb"}
@@ -173,7 +173,7 @@ def test_a_real_scrape_passes_promtool_check_metrics(empty_postgres):
         httpx.put(live.url + "/hello/Scrape", json={"dateOfBirth": "1990-05-17"})
         httpx.get(live.url + "/hello/Scrape")
         httpx.get(live.url + "/hello/Missing")
-        text = httpx.get(live.metrics_url, timeout=5).text
+        text = get_when_up(live.metrics_url).text
     assert "hello_birthday_http_request_duration_seconds_bucket" in text
     result = subprocess.run([promtool(), "check", "metrics"], input=text,
                             capture_output=True, text=True)

@@ -78,11 +78,6 @@ def env_of(container: dict) -> dict:
     return {item["name"]: item for item in container["env"]}
 
 
-def test_service_is_a_knative_service(service):
-    assert service["apiVersion"] == "serving.knative.dev/v1"
-    assert service["kind"] == "Service"
-
-
 def test_image_is_the_immutable_reference_substituted_at_deploy(container):
     assert container["image"] == VALUES["IMAGE"]
     raw = (CLOUDRUN / "service.yaml").read_text()
@@ -130,19 +125,6 @@ def test_a_rolled_back_revision_becomes_ready_on_a_schema_one_migration_ahead(
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
-
-
-def test_resources_are_limited(container):
-    assert container["resources"]["limits"]["cpu"]
-    assert container["resources"]["limits"]["memory"]
-
-
-def test_cloud_run_annotations(service):
-    annotations = service["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["run.googleapis.com/startup-cpu-boost"] == "true"
-    assert annotations["run.googleapis.com/execution-environment"] == "gen2"
-    assert annotations["run.googleapis.com/cloudsql-instances"] == VALUES["CLOUDSQL_INSTANCE"]
-    assert service["spec"]["template"]["metadata"]["name"] == VALUES["REVISION"]
 
 
 def test_dedicated_service_account_and_secret_database_url(service, container):

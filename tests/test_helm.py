@@ -306,12 +306,35 @@ def test_pvc_backups_need_a_claim_made_outside_the_chart():
     assert result.returncode != 0 and "helm/backup-pvc.yaml" in result.stderr
 
 
-def test_old_dumps_are_pruned_to_the_newest_n(docs):
+def test_the_backup_script_dumps_then_keeps_this_releases_newest_n(docs, tmp_path):
+    """The rendered script itself, run by sh on a directory standing for the
+    volume, with a pg_dump that writes its --file (the real one runs in
+    nox -s gke-local). Another release's dumps on the same volume stay."""
     job = find(docs, "Job", "-migrate")
     backup = next(c for c in job["spec"]["template"]["spec"]["initContainers"]
                   if c["name"] == "backup")
-    assert "tail -n +11" in backup["args"][0]  # keep: 10
     assert backup["resources"]["requests"]
+    keep = yaml.safe_load((CHART / "values.yaml").read_text())["migration"]["backup"]["keep"]
+    volume, bin_dir = tmp_path / "backup", tmp_path / "bin"
+    volume.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "pg_dump").write_text(
+        '#!/bin/sh\nfor a; do case "$a" in --file=*) echo dump > "${a#--file=}";; esac; done\n')
+    (bin_dir / "pg_dump").chmod(0o755)
+    old = [volume / f"hb-202001{i:02d}T000000Z-rev{i}.dump" for i in range(1, keep + 2)]
+    foreign = volume / "other-20200101T000000Z-rev1.dump"
+    for age, path in enumerate([*old, foreign]):
+        path.write_text("old")
+        os.utime(path, (1_577_836_800 + age, 1_577_836_800 + age))
+    script = backup["args"][0].replace("/backup/", f"{volume}/")
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "DATABASE_URL": "x"})
+    assert result.returncode == 0, result.stderr
+    kept = {p.name for p in volume.glob("hb-*.dump")}
+    assert len(kept) == keep and not list(volume.glob("*.partial"))
+    # The new dump and the keep - 1 newest old ones; the oldest two are gone.
+    assert {p.name for p in old[-(keep - 1):]} == {k for k in kept if k.startswith("hb-2020")}
+    assert foreign.exists()
 
 
 def server_major(docs: list[dict]) -> int:

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from app.metrics import LATENCY_BUCKETS
 from tests.conftest import users_locked
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, get_when_up
 from tests.test_faults import admin, kill_server_connections, writable
 
 JSON = {"content-type": "application/json"}
@@ -21,7 +21,7 @@ HELLO = "/hello/{username}"
 
 
 def scrape(live: LiveServer) -> tuple[dict, str]:
-    text = httpx.get(live.metrics_url, timeout=5).text
+    text = get_when_up(live.metrics_url).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
