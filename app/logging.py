@@ -165,17 +165,18 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        # One pass over the headers for everything the line and the trace need.
+        # One pass over the headers for everything the line and the trace need
+        # (the first of each, as before).
         user_agent = forwarded = traceparent = cloud_trace = None
         for key, value in scope["headers"]:
             if key == b"user-agent":
-                user_agent = value
+                user_agent = value if user_agent is None else user_agent
             elif key == b"x-forwarded-for":
-                forwarded = value
+                forwarded = value if forwarded is None else forwarded
             elif key == b"traceparent":
-                traceparent = value
+                traceparent = value if traceparent is None else traceparent
             elif key == b"x-cloud-trace-context":
-                cloud_trace = value
+                cloud_trace = value if cloud_trace is None else cloud_trace
         trace = tracing.parse(traceparent.decode("latin-1"), None) if traceparent else None
         if trace is None and cloud_trace:
             trace = tracing.parse(None, cloud_trace.decode("latin-1"))

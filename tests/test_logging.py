@@ -145,3 +145,19 @@ def test_the_overload_problem_carries_the_trace_id():
     asyncio.run(app(scope, None, send))
     assert sent[0]["status"] == 503
     assert json.loads(sent[1]["body"])["traceId"] == TRACE_ID
+
+
+def test_a_header_sent_twice_is_read_from_its_first_line(sqlite_url, clock, log_stream):
+    settings = make_settings(sqlite_url, log_format="json")
+    configure_logging(settings, log_stream)
+    other = "0af7651916cd43dd8448eb211c80319c"
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        response = client.get("/hello/nobody", headers=[
+            ("user-agent", "first/1"), ("user-agent", "second/2"),
+            ("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01"),
+            ("traceparent", f"00-{other}-00f067aa0ba902b7-01")])
+    (access,) = [line for line in lines(log_stream) if "httpRequest" in line]
+    assert access["httpRequest"]["userAgent"] == "first/1"
+    assert access["logging.googleapis.com/trace"] == TRACE_ID
+    assert response.json()["traceId"] == TRACE_ID
