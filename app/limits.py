@@ -30,14 +30,12 @@ class ConcurrencyLimit:
         self.limit = limit
         self.metrics = metrics
         self.in_flight = 0
-        self.rejected = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in ("/healthz", "/readyz"):
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            self.rejected += 1
             if self.metrics is not None:
                 self.metrics.rejected += 1
             body = problem_body(_OVERLOADED, None)

@@ -177,9 +177,8 @@ class AccessLogMiddleware:
                 traceparent = value if traceparent is None else traceparent
             elif key == b"x-cloud-trace-context":
                 cloud_trace = value if cloud_trace is None else cloud_trace
-        trace = tracing.parse(traceparent.decode("latin-1"), None) if traceparent else None
-        if trace is None and cloud_trace:
-            trace = tracing.parse(None, cloud_trace.decode("latin-1"))
+        trace = tracing.parse(traceparent.decode("latin-1") if traceparent else None,
+                              cloud_trace.decode("latin-1") if cloud_trace else None)
         token = tracing.current.set(trace)
         status = 0
         error: Exception | None = None

@@ -71,7 +71,6 @@ def create_app(
                 settings.host, settings.metrics_port,
             )
             metrics_server.start()
-            app.state.metrics_server = metrics_server
         try:
             yield {
                 "database": db,
