@@ -11,7 +11,6 @@ Request bodies are never logged, so a date of birth never reaches a log.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -38,9 +37,9 @@ _json_handler: logging.StreamHandler[TextIO] | None = None
 
 
 _ACCESS_LINE = (
-    '{"severity":"%s","message":%s,"time":"%s","logger":"app.access","httpRequest":{'
-    '"requestMethod":%s,"requestUrl":%s,"status":%d,"latency":"%s","userAgent":%s,'
-    '"remoteIp":%s,"protocol":%s}%s}\n'
+    '{"severity":"%s","message":"%s %s %d %.1fms","time":"%s","logger":"app.access",'
+    '"httpRequest":{"requestMethod":%s,"requestUrl":%s,"status":%d,"latency":"%.6fs",'
+    '"userAgent":%s,"remoteIp":%s,"protocol":%s}%s}\n'
 )
 _quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept
 # A path is logged up to this many characters: a 65 kB username must not make
@@ -55,13 +54,21 @@ def bounded_path(path: str) -> str:
     return f"{path[:MAX_LOGGED_PATH]}... ({len(path)} characters)"
 
 
-_flush_scheduled = False
+_second = -1
+_second_text = ""
 
 
-def _flush(handler: logging.StreamHandler[TextIO]) -> None:
-    global _flush_scheduled
-    _flush_scheduled = False
-    handler.flush()
+def utc_timestamp(now: float) -> str:
+    """``now`` (seconds since the epoch) as datetime's isoformat writes it in UTC.
+
+    The date and time of day are formatted once a second: a datetime and its
+    isoformat() for every line cost 0.9 us, a third of the access line.
+    """
+    global _second, _second_text
+    second = int(now)
+    if second != _second:
+        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return "%s.%06d+00:00" % (_second_text, (now - second) * 1_000_000)
 
 
 def trace_fields(trace: tracing.Trace | None, project: str | None) -> dict[str, object] | None:
@@ -165,21 +172,16 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        # One pass over the headers for everything the line and the trace need
-        # (the first of each, as before).
-        user_agent = forwarded = traceparent = cloud_trace = None
-        for key, value in scope["headers"]:
-            if key == b"user-agent":
-                user_agent = value if user_agent is None else user_agent
-            elif key == b"x-forwarded-for":
-                forwarded = value if forwarded is None else forwarded
-            elif key == b"traceparent":
-                traceparent = value if traceparent is None else traceparent
-            elif key == b"x-cloud-trace-context":
-                cloud_trace = value if cloud_trace is None else cloud_trace
-        trace = tracing.parse(traceparent.decode("latin-1") if traceparent else None,
-                              cloud_trace.decode("latin-1") if cloud_trace else None)
-        token = tracing.current.set(trace)
+        # Every header the line and the trace need, in one pass in C; reversed,
+        # so that a header sent twice is read from its first line.
+        headers = dict(reversed(scope["headers"]))
+        traceparent = headers.get(b"traceparent")
+        cloud_trace = headers.get(b"x-cloud-trace-context")
+        trace = token = None
+        if traceparent or cloud_trace:
+            trace = tracing.parse(traceparent.decode("latin-1") if traceparent else None,
+                                  cloud_trace.decode("latin-1") if cloud_trace else None)
+            token = tracing.current.set(trace)
         status = 0
         error: Exception | None = None
         metrics = self.metrics
@@ -201,16 +203,15 @@ class AccessLogMiddleware:
             status = 500
         finally:
             latency = time.perf_counter() - started
-            self._log(scope, status or 500, latency, error, trace,
-                      user_agent.decode("latin-1") if user_agent else "",
-                      forwarded.decode("latin-1") if forwarded else None)
+            self._log(scope, status or 500, latency, error, trace, headers)
             if metrics is not None:
                 metrics.in_flight -= 1
                 metrics.observe(scope, status or 500, latency)
-            tracing.current.reset(token)
+            if token is not None:
+                tracing.current.reset(token)
 
     def _log(self, scope: Scope, status: int, latency: float, error: Exception | None,
-             trace: tracing.Trace | None, user_agent: str, forwarded: str | None) -> None:
+             trace: tracing.Trace | None, headers: dict[bytes, bytes]) -> None:
         # A 503 is the service working as designed while the database is away
         # (app.database logs why): a warning. Any other 5xx is an error.
         level = logging.ERROR if status >= 500 and status != 503 else (
@@ -219,48 +220,44 @@ class AccessLogMiddleware:
         if not access_logger.isEnabledFor(level):
             return
         client = scope.get("client")
-        peer = client[0] if client else ""
-        remote = client_address(forwarded, peer, self.forwarded_hops) \
-            if self.forwarded_hops else peer
+        remote = client[0] if client else ""
+        if self.forwarded_hops:
+            forwarded = headers.get(b"x-forwarded-for")
+            remote = client_address(forwarded.decode("latin-1") if forwarded else None,
+                                    remote, self.forwarded_hops)
+        user_agent = headers.get(b"user-agent", b"").decode("latin-1")
         method = scope["method"]
         path = bounded_path(scope["path"])
         protocol = f"HTTP/{scope.get('http_version', '1.1')}"
         handler = _json_handler
-        if handler is not None and error is None:
-            # The per-request line is written directly: no LogRecord, Formatter
-            # or json.dumps of a nested dict. Strings that come from the
-            # client are JSON-escaped; everything else is ours.
-            fields = trace_fields(trace, self.project)
-            line = _ACCESS_LINE % (
-                _LEVEL_NAMES[level],
-                _quote(f"{method} {path} {status} {latency * 1000:.1f}ms"),
-                datetime.now(timezone.utc).isoformat(),
-                _quote(method), _quote(path), status, f"{latency:.6f}s",
-                _quote(user_agent), _quote(remote), _quote(protocol),
-                "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
+        if handler is None or error is not None:
+            access_logger.log(
+                level, "%s %s %d %.1fms", method, path, status, latency * 1000,
+                extra={"http_request": {
+                    "requestMethod": method, "requestUrl": path, "status": status,
+                    "latency": f"{latency:.6f}s", "userAgent": user_agent, "remoteIp": remote,
+                    "protocol": protocol,
+                }},
+                exc_info=error,
             )
-            handler.acquire()
-            try:
-                handler.stream.write(line)
-            finally:
-                handler.release()
-            # One flush per event-loop turn for all lines written in it, where
-            # the stream buffers (PYTHONUNBUFFERED, the image's setting, makes
-            # every write reach the file at once and this flush a no-op).
-            global _flush_scheduled
-            if not _flush_scheduled:
-                _flush_scheduled = True
-                asyncio.get_running_loop().call_soon(_flush, handler)
             return
-        access_logger.log(
-            level, "%s %s %d %.1fms", method, path, status, latency * 1000,
-            extra={"http_request": {
-                "requestMethod": method, "requestUrl": path, "status": status,
-                "latency": f"{latency:.6f}s", "userAgent": user_agent, "remoteIp": remote,
-                "protocol": protocol,
-            }},
-            exc_info=error,
+        # The per-request line is written directly: no LogRecord, Formatter or
+        # json.dumps of a nested dict (tests/test_logging.py holds it equal to
+        # the formatter's line). Strings from the client are JSON-escaped.
+        fields = trace_fields(trace, self.project)
+        quoted_method, quoted_path = _quote(method), _quote(path)
+        line = _ACCESS_LINE % (
+            _LEVEL_NAMES[level], quoted_method[1:-1], quoted_path[1:-1], status, latency * 1000,
+            utc_timestamp(time.time()),
+            quoted_method, quoted_path, status, latency,
+            _quote(user_agent), _quote(remote), _quote(protocol),
+            "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
         )
+        handler.acquire()
+        try:
+            handler.stream.write(line)
+        finally:
+            handler.release()
 
 
 async def _send_internal_error(scope: Scope, send: Send) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
+from datetime import datetime, timezone
 
 import pytest
 from starlette.testclient import TestClient
 
+from app import logging as app_logging
 from app import tracing
 from app.logging import CloudLoggingFormatter, configure_logging, trace_fields
 from app.main import create_app
@@ -65,6 +68,57 @@ def test_one_json_line_per_request_with_http_request_and_trace(sqlite_url, clock
     assert "logging.googleapis.com/trace" not in missing
     everything = log_stream.getvalue()
     assert "1987" not in everything and "03-14" not in everything  # no date of birth
+
+
+def _access_lines(settings, clock, log_stream, monkeypatch, through_formatter: bool):
+    configure_logging(settings, log_stream)
+    if through_formatter:  # the ordinary path: a LogRecord, formatted by CloudLoggingFormatter
+        monkeypatch.setattr(app_logging, "_json_handler", None)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        client.put("/hello/Zoë", json={"dateOfBirth": "1987-03-14"},
+                   headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01",
+                            "user-agent": 'probe "quoted" \\ \xe9/1.0'.encode("latin-1")})
+        client.get("/hello/nobody?tz=Asia/Tokyo",
+                   headers={"x-cloud-trace-context": f"{TRACE_ID}/1;o=0"})
+        client.delete('/hello/"\\')
+        client.get("/hello/" + "a" * 400)
+    return [line for line in lines(log_stream) if "httpRequest" in line]
+
+
+def test_the_written_access_line_says_what_the_formatter_says(
+        sqlite_url, clock, log_stream, monkeypatch):
+    """Access lines are written without a LogRecord (app.logging): for the same
+    requests they hold what CloudLoggingFormatter writes, but for the timings
+    and the formatter's sourceLocation (this module's line, of no use here)."""
+    settings = make_settings(sqlite_url, google_cloud_project="my-proj", log_format="json",
+                             forwarded_hops=0)
+    written = _access_lines(settings, clock, log_stream, monkeypatch, through_formatter=False)
+    formatted = _access_lines(settings, clock, log_stream, monkeypatch, through_formatter=True)
+    assert len(written) == len(formatted) == 4
+
+    def comparable(entry: dict) -> dict:
+        entry = dict(entry)
+        entry.pop("logging.googleapis.com/sourceLocation", None)
+        for key in ("time", "message"):
+            assert isinstance(entry.pop(key), str)
+        http_request = entry["httpRequest"] = dict(entry["httpRequest"])
+        assert http_request.pop("latency").endswith("s")
+        return entry
+
+    assert [comparable(entry) for entry in written] == [comparable(e) for e in formatted]
+    for fast, slow in zip(written, formatted):
+        # "METHOD PATH STATUS 1.2ms": the same but for the milliseconds
+        assert fast["message"].rsplit(" ", 1)[0] == slow["message"].rsplit(" ", 1)[0]
+        assert abs(datetime.fromisoformat(fast["time"]).timestamp() - time.time()) < 60
+
+
+@pytest.mark.parametrize("now", [0.0, 1_790_000_000.0, 1_790_000_000.999999, 1_790_000_001.5,
+                                 1_790_000_000.000001])
+def test_the_cached_timestamp_is_isoformat(now):
+    expected = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="microseconds")
+    assert app_logging.utc_timestamp(now)[:-9] == expected[:-9]  # to the second
+    assert abs(datetime.fromisoformat(app_logging.utc_timestamp(now)).timestamp() - now) < 2e-6
 
 
 def test_without_a_project_the_trace_is_the_bare_id():
