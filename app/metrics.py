@@ -40,7 +40,7 @@ PREFIX = "hello_birthday_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Methods outside this set are one label value: a client cannot mint series.
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
-STATUS_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+STATUS_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")  # by status // 100
 UNMATCHED = "none"  # no route answered (404, or refused before routing)
 
 
@@ -50,21 +50,44 @@ class RequestMetrics:
     def __init__(self) -> None:
         self.in_flight = 0
         self.rejected = 0  # overload 503s (app.limits)
-        self.requests: dict[tuple[str, str, str], int] = {}
-        # (route, method) -> one count per bucket, the +Inf overflow, then the sum.
-        self.latency: dict[tuple[str, str], list[float]] = {}
+        # (id of the route, method) -> (route template, requests by status
+        # class, latency histogram: one count per bucket, the +Inf overflow,
+        # then the sum). Routes live as long as the app; no route: id(None).
+        self.series: dict[tuple[int, str], tuple[str, list[int], list[float]]] = {}
 
     def observe(self, scope: Any, status: int, seconds: float) -> None:
+        method = scope["method"]
+        if method not in METHODS:
+            method = "other"
         route = scope.get("route")
-        template = getattr(route, "path_format", UNMATCHED) if route is not None else UNMATCHED
-        method = scope["method"] if scope["method"] in METHODS else "other"
-        key = (template, method, STATUS_CLASSES[min(status // 100, 5)])
-        self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.latency.get(key[:2])
-        if histogram is None:
-            histogram = self.latency[key[:2]] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        key = (id(route), method)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = (getattr(route, "path_format", UNMATCHED), [0] * 6,
+                                         [0.0] * (len(LATENCY_BUCKETS) + 2))
+        _, by_class, histogram = series
+        by_class[status // 100 if status < 600 else 5] += 1
         histogram[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         histogram[-1] += seconds
+
+    def snapshot(self) -> tuple[dict[tuple[str, str, str], int],
+                                dict[tuple[str, str], list[float]]]:
+        """Requests by (route template, method, status class), and latency by
+        (route template, method): a copy, taken from the scraping thread."""
+        requests: dict[tuple[str, str, str], int] = {}
+        latency: dict[tuple[str, str], list[float]] = {}
+        # dict(...) and list(...) copy in one step under the GIL: the event
+        # loop's thread may add a series while this thread reads.
+        for (_, method), (template, by_class, histogram) in dict(self.series).items():
+            labels = (template, method)
+            for index, count in enumerate(list(by_class)):
+                if count:
+                    key = (*labels, STATUS_CLASSES[index])
+                    requests[key] = requests.get(key, 0) + count
+            merged = latency.setdefault(labels, [0.0] * len(histogram))
+            for index, value in enumerate(list(histogram)):
+                merged[index] += value
+        return requests, latency
 
 
 class Collector:
@@ -93,19 +116,17 @@ class Collector:
         build.add_metric((self.version, self.revision), 1)
         yield build
 
-        # dict(...) copies in one step under the GIL: the event loop's thread
-        # may add a key while this thread reads.
+        by_labels, latency_by_labels = self.requests.snapshot()
         requests = CounterMetricFamily(
             PREFIX + "http_requests", "HTTP requests answered, by route template, method and "
             "status class.", labels=("route", "method", "status_class"))
-        for labels, count in dict(self.requests.requests).items():
+        for labels, count in by_labels.items():
             requests.add_metric(labels, count)
         yield requests
         latency = HistogramMetricFamily(
             PREFIX + "http_request_duration_seconds", "Time from the request's arrival to "
             "the end of its response, by route template and method.", labels=("route", "method"))
-        for route_method, recorded in dict(self.requests.latency).items():
-            counts = list(recorded)
+        for route_method, counts in latency_by_labels.items():
             cumulative = 0.0
             buckets: list[tuple[str, float]] = []
             for bound, in_bucket in zip((*LATENCY_BUCKETS, float("inf")), counts[:-1]):
