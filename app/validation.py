@@ -116,15 +116,15 @@ def _unique_members(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return document
 
 
+# Built once: json.loads with these hooks builds a decoder for every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_members)
+
+
 def parse_date_of_birth(body: bytes, today: date) -> date:
     """The ``dateOfBirth`` of a PUT body: a real date, strictly before ``today``."""
     try:
         # Decoded here, strictly: json.loads(bytes) would guess UTF-16 or -32.
-        document = json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            object_pairs_hook=_unique_members,
-        )
+        document = _DECODER.decode(body.decode("utf-8"))
     except _DuplicateMember:
         raise bad_request(
             "invalid-json",
