@@ -173,6 +173,13 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def instructions(session: nox.Session) -> None:
+    """Instructions per request of the ASGI stack (valgrind): GET or PUT. For A/B of a change."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    session.run("python", "-m", "benchmarks.instructions", *(session.posargs or ["GET"]))
+
+
+@nox.session
 def fuzz(session: nox.Session) -> None:
     """schemathesis against python -m app on PostgreSQL, driven by /openapi.json."""
     install_locked(session, MAIN_LOCK, DEV_LOCK, str(REQ / "fuzz.txt"))
