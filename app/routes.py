@@ -51,20 +51,38 @@ async def _read_body(request: Request, timeout: float) -> bytes:
             raise validation.body_too_large()
     chunks = []
     size = 0
+    # asyncio.timeout's own semantics (a timer that cancels the task; a cancel
+    # from elsewhere, such as shutdown, stays a cancel) for the one loop here,
+    # without its context manager: that was 29k of a PUT's 224k instructions.
+    task = asyncio.current_task()
+    assert task is not None  # nosec B101 - always run by a task
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > validation.MAX_BODY_BYTES:
-                    raise validation.body_too_large()
-                chunks.append(chunk)
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > validation.MAX_BODY_BYTES:
+                raise validation.body_too_large()
+            chunks.append(chunk)
     except ClientDisconnect:
         # Nobody is left to read an answer; this only keeps it out of the error log.
         raise Problem(400, "client-disconnected", "The client went away mid-body.") from None
-    except TimeoutError:
-        raise Problem(
-            408, "body-timeout", f"The request body did not arrive within {timeout:g} seconds."
-        ) from None
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:
+            raise Problem(
+                408, "body-timeout",
+                f"The request body did not arrive within {timeout:g} seconds.",
+            ) from None
+        raise
+    finally:
+        timer.cancel()
     return b"".join(chunks)
 
 

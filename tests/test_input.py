@@ -3,6 +3,7 @@ or 404, nothing stored, nothing unbounded echoed or logged. Both backends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -122,3 +123,44 @@ def test_the_access_log_never_trusts_a_forged_left_most_entry(sqlite_url, clock,
 def test_bodies_are_still_json_objects(client):
     response = client.put("/hello/arr", content=json.dumps([1]).encode(), headers=PUT_HEADERS)
     assert_problem(response, 400, "invalid-json")
+
+
+# --- the body deadline (app.routes._read_body) ---------------------------------------------
+
+def _stalled_request():
+    from starlette.requests import Request
+
+    async def receive():
+        await asyncio.Event().wait()  # the client sent headers, then nothing
+
+    return Request({"type": "http", "method": "PUT", "headers": []}, receive)
+
+
+def test_a_stalled_body_is_a_408_once_the_deadline_passes():
+    from app.errors import Problem
+    from app.routes import _read_body
+
+    async def read():
+        with pytest.raises(Problem) as raised:
+            await _read_body(_stalled_request(), 0.05)
+        assert raised.value.status == 408
+        assert asyncio.current_task().cancelling() == 0  # the timer's cancel is spent
+
+    async def scenario():
+        await asyncio.wait_for(read(), 5)  # without the deadline: TimeoutError here
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_from_outside_stays_a_cancel_while_reading_a_body():
+    """Shutdown cancels a request's task: that must not turn into a 408 answer."""
+    from app.routes import _read_body
+
+    async def scenario():
+        task = asyncio.create_task(_read_body(_stalled_request(), 60))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
