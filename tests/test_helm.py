@@ -393,13 +393,6 @@ def test_helm_test_checks_readyz_through_the_service(docs):
     assert url == f"http://{service['metadata']['name']}:{port}/readyz"
 
 
-def test_service_account_carries_workload_identity(production):
-    account = next(d for d in production if d["kind"] == "ServiceAccount"
-                   and not d["metadata"]["name"].endswith("-migrate"))
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
-        ".iam.gserviceaccount.com")
-
-
 def test_cloud_sql_proxy_is_a_native_sidecar(production):
     pod = find(production, "Deployment")["spec"]["template"]["spec"]
     (proxy,) = pod["initContainers"]
@@ -417,16 +410,6 @@ def test_optional_objects_follow_their_switches(production):
                                      "--set", "autoscaling.enabled=false",
                                      "--set", "migration.enabled=false")}
     assert not {"PodDisruptionBudget", "HorizontalPodAutoscaler", "Job"} & off
-
-
-def test_labels_are_the_recommended_ones(docs):
-    for doc in docs:
-        labels = doc["metadata"]["labels"]
-        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
-                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
-                    "helm.sh/chart"):
-            assert key in labels, (doc["kind"], key)
-        assert "namespace" not in doc["metadata"]
 
 
 @pytest.mark.parametrize(
