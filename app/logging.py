@@ -38,8 +38,8 @@ _json_handler: logging.StreamHandler[TextIO] | None = None
 
 _ACCESS_LINE = (
     '{"severity":"%s","message":"%s %s %d %.1fms","time":"%s","logger":"app.access",'
-    '"httpRequest":{"requestMethod":%s,"requestUrl":%s,"status":%d,"latency":"%.6fs",'
-    '"userAgent":%s,"remoteIp":%s,"protocol":%s}%s}\n'
+    '"httpRequest":{"requestMethod":"%s","requestUrl":%s,"status":%d,"latency":"%.6fs",'
+    '"userAgent":%s,"remoteIp":%s,"protocol":"%s"}%s}\n'
 )
 _quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept
 # A path is logged up to this many characters: a 65 kB username must not make
@@ -243,14 +243,16 @@ class AccessLogMiddleware:
             return
         # The per-request line is written directly: no LogRecord, Formatter or
         # json.dumps of a nested dict (tests/test_logging.py holds it equal to
-        # the formatter's line). Strings from the client are JSON-escaped.
+        # the formatter's line). Strings from the client are JSON-escaped, but
+        # for the method: an HTTP token (RFC 9110, 5.6.2) has no quote,
+        # backslash or control character, and the server parsed it as one.
         fields = trace_fields(trace, self.project)
-        quoted_method, quoted_path = _quote(method), _quote(path)
+        quoted_path = _quote(path)
         line = _ACCESS_LINE % (
-            _LEVEL_NAMES[level], quoted_method[1:-1], quoted_path[1:-1], status, latency * 1000,
+            _LEVEL_NAMES[level], method, quoted_path[1:-1], status, latency * 1000,
             utc_timestamp(time.time()),
-            quoted_method, quoted_path, status, latency,
-            _quote(user_agent), _quote(remote), _quote(protocol),
+            method, quoted_path, status, latency,
+            _quote(user_agent), _quote(remote), protocol,
             "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
         )
         handler.acquire()
