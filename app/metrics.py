@@ -74,7 +74,7 @@ class RequestMetrics:
                                 dict[tuple[str, str], list[float]]]:
         """Requests by (route template, method, status class), and latency by
         (route template, method): a copy, taken from the scraping thread."""
-        requests: dict[tuple[str, str, str], int] = {}
+        counts: dict[tuple[str, str, str], int] = {}
         latency: dict[tuple[str, str], list[float]] = {}
         # dict(...) and list(...) copy in one step under the GIL: the event
         # loop's thread may add a series while this thread reads.
@@ -83,11 +83,11 @@ class RequestMetrics:
             for index, count in enumerate(list(by_class)):
                 if count:
                     key = (*labels, STATUS_CLASSES[index])
-                    requests[key] = requests.get(key, 0) + count
+                    counts[key] = counts.get(key, 0) + count
             merged = latency.setdefault(labels, [0.0] * len(histogram))
             for index, value in enumerate(list(histogram)):
                 merged[index] += value
-        return requests, latency
+        return counts, latency
 
 
 class Collector:
