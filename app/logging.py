@@ -147,6 +147,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     return handler
 
 
+_PROTOCOLS = {version: f"HTTP/{version}" for version in ("1.0", "1.1", "2", "3")}
 _LEVEL_NAMES = {logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR"}
 
 
@@ -227,8 +228,11 @@ class AccessLogMiddleware:
                                     remote, self.forwarded_hops)
         user_agent = headers.get(b"user-agent", b"").decode("latin-1")
         method = scope["method"]
-        path = bounded_path(scope["path"])
-        protocol = f"HTTP/{scope.get('http_version', '1.1')}"
+        path = scope["path"]
+        if len(path) > MAX_LOGGED_PATH:
+            path = bounded_path(path)
+        version = scope.get("http_version", "1.1")
+        protocol = _PROTOCOLS.get(version) or f"HTTP/{version}"
         handler = _json_handler
         if handler is None or error is not None:
             access_logger.log(
@@ -246,7 +250,7 @@ class AccessLogMiddleware:
         # the formatter's line). Strings from the client are JSON-escaped, but
         # for the method: an HTTP token (RFC 9110, 5.6.2) has no quote,
         # backslash or control character, and the server parsed it as one.
-        fields = trace_fields(trace, self.project)
+        fields = trace_fields(trace, self.project) if trace is not None else None
         quoted_path = _quote(path)
         line = _ACCESS_LINE % (
             _LEVEL_NAMES[level], method, quoted_path[1:-1], status, latency * 1000,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
@@ -155,10 +155,9 @@ class Hello:
 
 def _today(request: Request, clock: Callable[[], datetime]) -> date:
     """Today in the zone of ?tz= (UTC without one), by the injected clock."""
-    # Most requests have no query string; skip parsing one.
-    zone = validation.parse_timezone(
-        request.query_params.getlist("tz") if request.scope["query_string"] else []
-    )
+    if not request.scope["query_string"]:  # most requests: UTC, nothing to parse
+        return validation.today_in(timezone.utc, clock())
+    zone = validation.parse_timezone(request.query_params.getlist("tz"))
     return validation.today_in(zone, clock())
 
 
