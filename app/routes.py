@@ -110,11 +110,11 @@ class Hello:
     """/hello/{username}, an ASGI endpoint: ``Route(..., Hello(), methods=Hello.METHODS)``.
 
     Starlette's Route refuses the other methods (405 with Allow) and serves
-    HEAD as GET (uvicorn sends no body); errors are raised as Problems for the
-    app's handler. Neither a function endpoint nor an HTTPEndpoint: those build
-    a second Request and exception wrapper, or list the allowed methods again,
-    on every request: 7 % and 16 % more instructions per GET
-    (benchmarks/instructions.py).
+    HEAD as GET (uvicorn sends no body); errors are raised as Problems, which
+    errors.ProblemBoundary turns into problem documents. Neither a function
+    endpoint nor an HTTPEndpoint: those build a second Request and exception
+    wrapper, or list the allowed methods again, on every request: 7 % and 16 %
+    more instructions per GET (nox -s instructions).
     """
 
     METHODS = ("GET", "PUT", "DELETE")
