@@ -261,7 +261,11 @@ class AccessLogMiddleware:
         )
         handler.acquire()
         try:
+            # Flushed as StreamHandler.emit flushes every record: a line is out
+            # when its request is, whether or not stdout buffers (it does not
+            # under PYTHONUNBUFFERED, the image's setting).
             handler.stream.write(line)
+            handler.stream.flush()
         finally:
             handler.release()
 

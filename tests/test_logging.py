@@ -113,6 +113,19 @@ def test_the_written_access_line_says_what_the_formatter_says(
         assert abs(datetime.fromisoformat(fast["time"]).timestamp() - time.time()) < 60
 
 
+def test_an_access_line_is_out_when_its_request_is(sqlite_url, clock, log_stream):
+    """Even on a stdout that buffers (no PYTHONUNBUFFERED): flushed per line,
+    as logging's StreamHandler flushes every record."""
+    raw = io.BytesIO()
+    buffered = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)  # 8 kB pending
+    settings = make_settings(sqlite_url, log_format="json")
+    configure_logging(settings, buffered)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        raw.truncate(0), raw.seek(0)
+        client.get("/hello/nobody")
+        assert b'"requestUrl":"/hello/nobody"' in raw.getvalue()
+
+
 @pytest.mark.parametrize("now", [0.0, 1_790_000_000.0, 1_790_000_000.999999, 1_790_000_001.5,
                                  1_790_000_000.000001])
 def test_the_cached_timestamp_is_isoformat(now):
