@@ -95,8 +95,6 @@ class _Greeting(Response):
     costs a microsecond).
     """
 
-    media_type = "application/json"
-
     def __init__(self, message: str) -> None:
         super().__init__(b'{"message":%s}' % _json_string(message).encode())
 
