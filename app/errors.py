@@ -89,11 +89,6 @@ class ProblemResponse(JSONResponse):
     media_type = PROBLEM_MEDIA_TYPE
 
 
-def problem_body(problem: Problem, instance: str | None = None) -> bytes:
-    """The document as bytes, for the pure ASGI middleware that answer on their own."""
-    return bytes(ProblemResponse(problem_document(problem, instance)).body)
-
-
 def problem_response(problem: Problem, instance: str | None = None) -> Response:
     return ProblemResponse(problem_document(problem, instance), status_code=problem.status,
                            headers=problem.headers)

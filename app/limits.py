@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, Problem, problem_body
+from app.errors import RETRY_AFTER_SECONDS, Problem, problem_response
 from app.metrics import RequestMetrics
 
 _OVERLOADED = Problem(
@@ -12,6 +12,7 @@ _OVERLOADED = Problem(
     "The server is at its limit of concurrent requests; retry after the number of seconds "
     "in Retry-After.",
     title="Service temporarily unavailable",
+    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
 )
 
 
@@ -38,15 +39,7 @@ class ConcurrencyLimit:
         if self.in_flight >= self.limit:
             if self.metrics is not None:
                 self.metrics.rejected += 1
-            body = problem_body(_OVERLOADED, None)
-            await send({
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(RETRY_AFTER_SECONDS).encode())],
-            })
-            await send({"type": "http.response.body", "body": body})
+            await problem_response(_OVERLOADED)(scope, receive, send)
             return
         self.in_flight += 1
         try:

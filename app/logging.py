@@ -21,7 +21,7 @@ from typing import TextIO
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import tracing
-from app.errors import PROBLEM_MEDIA_TYPE, internal_error, problem_body
+from app.errors import internal_error, problem_response
 from app.metrics import RequestMetrics
 from app.proxy import client_address
 from app.settings import Settings
@@ -200,7 +200,8 @@ class AccessLogMiddleware:
         except Exception as exc:
             error = exc
             if not status:
-                await _send_internal_error(scope, send)
+                await problem_response(internal_error(), scope.get("path"))(
+                    scope, receive, send)
             status = 500
         finally:
             latency = time.perf_counter() - started
@@ -268,14 +269,3 @@ class AccessLogMiddleware:
             handler.stream.flush()
         finally:
             handler.release()
-
-
-async def _send_internal_error(scope: Scope, send: Send) -> None:
-    body = problem_body(internal_error(), scope.get("path"))
-    await send({
-        "type": "http.response.start",
-        "status": 500,
-        "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                    (b"content-length", str(len(body)).encode())],
-    })
-    await send({"type": "http.response.body", "body": body})
