@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from datetime import date, datetime, timezone
 
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.requests import ClientDisconnect, Request
+from starlette.datastructures import Headers, QueryParams
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -40,10 +40,15 @@ register_url_convertor("anytext", AnyTextConvertor())
 _json_string = json.encoder.encode_basestring
 
 
-async def _read_body(request: Request, timeout: float) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed the limit,
-    and with 408 when the client takes longer than ``timeout`` to send it."""
-    declared = request.headers.get("content-length")
+async def _read_body(receive: Receive, declared: str | None, timeout: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit
+    (``declared`` is the Content-Length), and with 408 when the client takes
+    longer than ``timeout`` to send it.
+
+    ASGI's receive loop itself: a Request and its stream(), an async generator
+    behind a hasattr miss, were 18k of a PUT's 171k instructions (nox -s
+    instructions).
+    """
     if declared is not None:
         if not declared.isdigit():
             raise Problem(400, "invalid-content-length", "Content-Length must be a whole number.")
@@ -66,14 +71,18 @@ async def _read_body(request: Request, timeout: float) -> bytes:
 
     timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        async for chunk in request.stream():
+        more_body = True
+        while more_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # Nobody is left to read an answer; this only keeps it out of the error log.
+                raise Problem(400, "client-disconnected", "The client went away mid-body.")
+            chunk = message.get("body", b"")
+            more_body = message.get("more_body", False)
             size += len(chunk)
             if size > validation.MAX_BODY_BYTES:
                 raise validation.body_too_large()
             chunks.append(chunk)
-    except ClientDisconnect:
-        # Nobody is left to read an answer; this only keeps it out of the error log.
-        raise Problem(400, "client-disconnected", "The client went away mid-body.") from None
     except asyncio.CancelledError:
         if expired and task.uncancel() <= cancelling:
             raise Problem(
@@ -122,40 +131,45 @@ class Hello:
                           "DELETE": self.delete}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self._handlers[scope["method"]](Request(scope, receive))
+        response = await self._handlers[scope["method"]](scope, receive)
         await response(scope, receive, send)
 
-    async def get(self, request: Request) -> Response:
-        username = validation.parse_username(request.path_params["username"])
-        state = request.state
-        today = _today(request, state.clock)
-        date_of_birth = await state.database.date_of_birth(username)
+    # GET and DELETE read only the scope: a Request, and its State around the
+    # lifespan state, would be built for nothing.
+    async def get(self, scope: Scope, receive: Receive) -> Response:
+        username = validation.parse_username(scope["path_params"]["username"])
+        state = scope["state"]
+        today = _today(scope, state["clock"])
+        date_of_birth = await state["database"].date_of_birth(username)
         if date_of_birth is None:
             raise _unknown_user(username)
         return _Greeting(greeting(username, date_of_birth, today))
 
-    async def put(self, request: Request) -> Response:
-        username = validation.parse_username(request.path_params["username"])
-        state = request.state
-        today = _today(request, state.clock)
-        validation.check_content_type(request.headers.get("content-type"))
-        body = await _read_body(request, state.body_read_timeout)
+    async def put(self, scope: Scope, receive: Receive) -> Response:
+        username = validation.parse_username(scope["path_params"]["username"])
+        state = scope["state"]
+        today = _today(scope, state["clock"])
+        headers = Headers(scope=scope)
+        validation.check_content_type(headers.get("content-type"))
+        body = await _read_body(receive, headers.get("content-length"),
+                                state["body_read_timeout"])
         date_of_birth = validation.parse_date_of_birth(body, today)
-        await state.database.upsert(username, date_of_birth)
+        await state["database"].upsert(username, date_of_birth)
         return Response(status_code=_NO_CONTENT)
 
-    async def delete(self, request: Request) -> Response:
-        username = validation.parse_username(request.path_params["username"])
-        if not await request.state.database.delete(username):
+    async def delete(self, scope: Scope, receive: Receive) -> Response:
+        username = validation.parse_username(scope["path_params"]["username"])
+        if not await scope["state"]["database"].delete(username):
             raise _unknown_user(username)
         return Response(status_code=_NO_CONTENT)
 
 
-def _today(request: Request, clock: Callable[[], datetime]) -> date:
+def _today(scope: Scope, clock: Callable[[], datetime]) -> date:
     """Today in the zone of ?tz= (UTC without one), by the injected clock."""
-    if not request.scope["query_string"]:  # most requests: UTC, nothing to parse
+    query = scope["query_string"]
+    if not query:  # most requests: UTC, nothing to parse
         return validation.today_in(timezone.utc, clock())
-    zone = validation.parse_timezone(request.query_params.getlist("tz"))
+    zone = validation.parse_timezone(QueryParams(query).getlist("tz"))
     return validation.today_in(zone, clock())
 
 

@@ -127,13 +127,61 @@ def test_bodies_are_still_json_objects(client):
 
 # --- the body deadline (app.routes._read_body) ---------------------------------------------
 
-def _stalled_request():
-    from starlette.requests import Request
+async def _stalled_receive():
+    await asyncio.Event().wait()  # the client sent headers, then nothing
+
+
+def _scripted_receive(*messages):
+    """ASGI receive handing out ``messages`` in order, then stalling."""
+    queue = list(messages)
 
     async def receive():
-        await asyncio.Event().wait()  # the client sent headers, then nothing
+        if queue:
+            return queue.pop(0)
+        await asyncio.Event().wait()
 
-    return Request({"type": "http", "method": "PUT", "headers": []}, receive)
+    return receive
+
+
+def test_a_body_in_chunks_is_joined():
+    from app.routes import _read_body
+
+    receive = _scripted_receive(
+        {"type": "http.request", "body": b'{"dateOfBirth":', "more_body": True},
+        {"type": "http.request", "body": b"", "more_body": True},
+        {"type": "http.request", "body": b'"1990-04-23"}', "more_body": False},
+    )
+    body = asyncio.run(_read_body(receive, None, 5))
+    assert body == b'{"dateOfBirth":"1990-04-23"}'
+
+
+def test_a_client_gone_mid_body_is_a_400_not_an_error():
+    from app.errors import Problem
+    from app.routes import _read_body
+
+    receive = _scripted_receive(
+        {"type": "http.request", "body": b'{"dateOf', "more_body": True},
+        {"type": "http.disconnect"},
+    )
+    with pytest.raises(Problem) as raised:
+        asyncio.run(_read_body(receive, None, 5))
+    assert (raised.value.status, raised.value.type) == (
+        400, "urn:hello-birthday:problem:client-disconnected")
+
+
+def test_an_undeclared_body_is_refused_at_the_chunk_that_passes_the_limit():
+    """413 as soon as the limit is passed: the rest is never waited for."""
+    from app.errors import Problem
+    from app.routes import _read_body
+    from app.validation import MAX_BODY_BYTES
+
+    receive = _scripted_receive(
+        {"type": "http.request", "body": b"x" * MAX_BODY_BYTES, "more_body": True},
+        {"type": "http.request", "body": b"x", "more_body": True},
+    )  # then it stalls: reading on would hang until the 60 s deadline
+    with pytest.raises(Problem) as raised:
+        asyncio.run(asyncio.wait_for(_read_body(receive, None, 60), 5))
+    assert raised.value.status == 413
 
 
 def test_a_stalled_body_is_a_408_once_the_deadline_passes():
@@ -142,7 +190,7 @@ def test_a_stalled_body_is_a_408_once_the_deadline_passes():
 
     async def read():
         with pytest.raises(Problem) as raised:
-            await _read_body(_stalled_request(), 0.05)
+            await _read_body(_stalled_receive, None, 0.05)
         assert raised.value.status == 408
         assert asyncio.current_task().cancelling() == 0  # the timer's cancel is spent
 
@@ -157,7 +205,7 @@ def test_a_cancel_from_outside_stays_a_cancel_while_reading_a_body():
     from app.routes import _read_body
 
     async def scenario():
-        task = asyncio.create_task(_read_body(_stalled_request(), 60))
+        task = asyncio.create_task(_read_body(_stalled_receive, None, 60))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
