@@ -68,4 +68,6 @@ app = Starlette(routes=[Route("/hello/{username}", hello, methods=["GET", "PUT"]
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), loop="uvloop",
-                http="httptools", access_log=False, log_level="warning")
+                http="httptools", access_log=False, log_level="warning",
+                # as python -m app runs: no proxy-headers middleware, no Server header
+                proxy_headers=False, server_header=False)

@@ -66,4 +66,6 @@ async def app(scope, receive, send) -> None:
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), loop="uvloop",
-                http="httptools", access_log=False, log_level="warning", lifespan="on")
+                http="httptools", access_log=False, log_level="warning", lifespan="on",
+                # as python -m app runs: no proxy-headers middleware, no Server header
+                proxy_headers=False, server_header=False)
