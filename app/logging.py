@@ -260,7 +260,8 @@ class AccessLogMiddleware:
             _quote(user_agent), _quote(remote), protocol,
             "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
         )
-        handler.acquire()
+        lock = handler.lock
+        lock.acquire()  # type: ignore[union-attr]
         try:
             # Flushed as StreamHandler.emit flushes every record: a line is out
             # when its request is, whether or not stdout buffers (it does not
@@ -268,4 +269,4 @@ class AccessLogMiddleware:
             handler.stream.write(line)
             handler.stream.flush()
         finally:
-            handler.release()
+            lock.release()  # type: ignore[union-attr]
