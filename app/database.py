@@ -114,9 +114,12 @@ UNAVAILABLE_SQLSTATE_CLASSES = {
     "XX": "internal error",
 }
 UNDEFINED_TABLE = "42P01"  # not migrated yet: nothing to serve from, not a bug
-# Worth one retry on a fresh connection: the connection died under the
+# Worth a retry on a fresh connection: the connection died under the
 # statement (restart, failover, pg_terminate_backend), or the server rolled it
-# back for a conflict. All three statements are idempotent.
+# back for a conflict. All three statements are idempotent. Twice at most: a
+# server going down ends its connections one by one, and one it had not
+# reached yet can pass the retry's check and die under the retried statement.
+MAX_RETRIES = 2
 RETRY_SQLSTATE_CLASSES = ("08", "40")
 RETRY_SQLSTATES = ("57P01", "57P02")  # admin_shutdown, crash_shutdown
 
@@ -271,7 +274,7 @@ class PostgresDatabase:
 
     async def _execute(self, query: str, params: Params, fetch: bool) -> Any:
         try:
-            result = await self._execute_once_or_twice(query, params, fetch)
+            result = await self._execute_with_retries(query, params, fetch)
         except DatabaseUnavailable:
             self.stats.outcome("unavailable")
             raise
@@ -281,16 +284,19 @@ class PostgresDatabase:
         self.stats.outcome("ok")
         return result
 
-    async def _execute_once_or_twice(self, query: str, params: Params, fetch: bool) -> Any:
+    async def _execute_with_retries(self, query: str, params: Params, fetch: bool) -> Any:
         try:
             return await self._attempt(query, params, fetch, retry=False)
-        except _Retry as retry:
-            logger.info("retrying on a fresh connection after %s", _describe(retry.error))
+        except _Retry as first:
+            failure = first
+        for _ in range(MAX_RETRIES):
+            logger.info("retrying on a fresh connection after %s", _describe(failure.error))
             self.stats.retries += 1
             try:
                 return await self._attempt(query, params, fetch, retry=True)
             except _Retry as again:
-                raise self._unavailable(again.error) from again.error
+                failure = again
+        raise self._unavailable(failure.error) from failure.error
 
     def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
         logger.warning("database unavailable: %s", _describe(error))

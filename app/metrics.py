@@ -147,7 +147,8 @@ class Collector:
         for outcome in ("ok", "unavailable", "error"):
             calls.add_metric((outcome,), stats.calls.get(outcome, 0))
         yield calls
-        yield counter("db_retries", "Statements retried once on a fresh connection.",
+        yield counter("db_retries",
+                      "Statements retried on a fresh connection (at most twice each).",
                       stats.retries)
         errors = CounterMetricFamily(PREFIX + "db_errors", "Database errors by SQLSTATE class "
                                      "('none': no SQLSTATE, the connection or the pool failed).",

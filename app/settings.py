@@ -77,9 +77,10 @@ class Settings:
 
         Waiting for a pooled (or new) connection plus running the statement;
         this is what keeps a request from hanging on a dead database. On
-        PostgreSQL a statement whose connection died is retried once, so a
-        request may take twice this, plus half a second each time that the
-        client deadline sits above the server's statement_timeout.
+        PostgreSQL a statement whose connection died is retried, at most
+        twice, so a request may take three times this, plus half a second
+        each time that the client deadline sits above the server's
+        statement_timeout.
         """
         return self.db_pool_timeout + self.db_statement_timeout
 

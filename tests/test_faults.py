@@ -4,10 +4,14 @@ connection. ../shared/API.md, sections Errors and Recovery."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
 
 import httpx2 as httpx
 import pytest
@@ -174,7 +178,58 @@ def test_killed_connections_cost_no_request_under_load(empty_postgres):
           f"{len(outcomes)} requests, {len(failed)} failed")
     assert killed >= 14, "the rounds must really have killed pooled connections"
     assert len(outcomes) > 500
-    assert failed == [], f"{len(failed)} of {len(outcomes)} failed: {set(failed)}"
+    why = [line for line in live.output.splitlines() if "database unavailable" in line]
+    assert failed == [], f"{len(failed)} of {len(outcomes)} failed: {set(failed)}; {why}"
+
+
+# --- how many times a statement is retried --------------------------------------------------
+
+@contextmanager
+def failing_writes(url: str, times: int) -> Iterator[None]:
+    """The next ``times`` writes to users fail with SQLSTATE 40001
+    (serialization_failure), as under a conflicting transaction. The count is
+    a sequence: nextval survives the failed statement's rollback."""
+    admin(url, "CREATE SEQUENCE writes_seen",
+          "CREATE FUNCTION fail_writes() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+          f"IF nextval('writes_seen') <= {times} THEN "
+          "RAISE EXCEPTION 'injected conflict' USING ERRCODE = '40001'; END IF; "
+          "RETURN NEW; END $$",
+          "CREATE TRIGGER fail_writes BEFORE INSERT OR UPDATE ON users "
+          "FOR EACH ROW EXECUTE FUNCTION fail_writes()")
+    try:
+        yield
+    finally:
+        admin(url, "DROP TRIGGER fail_writes ON users", "DROP FUNCTION fail_writes()",
+              "DROP SEQUENCE writes_seen")
+
+
+@pytest.mark.parametrize(("failures", "stored"), [(2, True), (3, False)])
+def test_a_statement_is_retried_twice_then_answers_unavailable(empty_postgres, failures, stored):
+    """Retried on a fresh connection up to MAX_RETRIES (2) times: a third
+    failure is a 503 (DatabaseUnavailable), never a 500 or a fourth try."""
+    from app.database import MAX_RETRIES, DatabaseUnavailable, open_database
+    from tests.conftest import make_settings
+
+    async def scenario():
+        database = open_database(make_settings(empty_postgres, db_pool_size=2))
+        await database.open()
+        try:
+            with failing_writes(empty_postgres, failures):
+                try:
+                    await database.upsert("Twice", date(1990, 1, 2))
+                    outcome = "stored"
+                except DatabaseUnavailable:
+                    outcome = "unavailable"
+                attempts = admin(empty_postgres, "SELECT last_value FROM writes_seen")[0][0]
+        finally:
+            await database.close()
+        return outcome, database.stats.retries, attempts
+
+    outcome, retries, attempts = asyncio.run(scenario())
+    assert MAX_RETRIES == 2
+    assert outcome == ("stored" if stored else "unavailable")
+    assert retries == 2 and attempts == 3  # never a fourth attempt
+    assert admin(empty_postgres, "SELECT count(*) FROM users")[0][0] == int(stored)
 
 
 # --- the server's statement_timeout wins the race -----------------------------------------
