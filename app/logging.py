@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable
 from datetime import datetime, timezone
 from typing import TextIO
 
@@ -189,11 +190,13 @@ class AccessLogMiddleware:
         if metrics is not None:
             metrics.in_flight += 1
 
-        async def send_and_record(message: Message) -> None:
+        # A plain function handing back send's awaitable: the caller awaits
+        # it, without a coroutine of this wrapper's own for every message.
+        def send_and_record(message: Message) -> Awaitable[None]:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
