@@ -18,10 +18,11 @@ def birthday_in_year(date_of_birth: date, year: int) -> date:
 
 def days_until_birthday(date_of_birth: date, today: date) -> int:
     """Whole days from ``today`` to the next birthday; 0 when it is today."""
-    upcoming = birthday_in_year(date_of_birth, today.year)
-    if upcoming < today:
-        upcoming = birthday_in_year(date_of_birth, today.year + 1)
-    return (upcoming - today).days
+    # Month and day decide whether this year's birthday is behind us: one
+    # date built, not two (the 29 February case is birthday_in_year's).
+    passed = (date_of_birth.month, date_of_birth.day) < (today.month, today.day)
+    year = today.year + 1 if passed else today.year
+    return (birthday_in_year(date_of_birth, year) - today).days
 
 
 def greeting(username: str, date_of_birth: date, today: date) -> str:
