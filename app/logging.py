@@ -49,12 +49,6 @@ _quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept
 MAX_LOGGED_PATH = 300
 
 
-def bounded_path(path: str) -> str:
-    if len(path) <= MAX_LOGGED_PATH:
-        return path
-    return f"{path[:MAX_LOGGED_PATH]}... ({len(path)} characters)"
-
-
 _second = -1
 _second_text = ""
 
@@ -234,7 +228,7 @@ class AccessLogMiddleware:
         method = scope["method"]
         path = scope["path"]
         if len(path) > MAX_LOGGED_PATH:
-            path = bounded_path(path)
+            path = f"{path[:MAX_LOGGED_PATH]}... ({len(path)} characters)"
         version = scope.get("http_version", "1.1")
         protocol = _PROTOCOLS.get(version) or f"HTTP/{version}"
         handler = _json_handler
