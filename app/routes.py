@@ -119,7 +119,7 @@ class Hello:
     Starlette's Route refuses the other methods (405 with Allow) and serves
     HEAD as GET (uvicorn sends no body); errors are raised as Problems, which
     errors.ProblemBoundary turns into problem documents. Neither a function
-    endpoint nor an HTTPEndpoint: those build a second Request and exception
+    endpoint nor an HTTPEndpoint: those build a Request and an exception
     wrapper, or list the allowed methods again, on every request: 7 % and 16 %
     more instructions per GET (nox -s instructions).
     """
