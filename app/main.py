@@ -100,7 +100,7 @@ def create_app(
 
     app = Service(
         routes=[
-            Route("/hello/{username:anytext}", routes.Hello(), methods=routes.Hello.METHODS),
+            routes.TailRoute("/hello/", "username", routes.Hello(), methods=routes.Hello.METHODS),
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

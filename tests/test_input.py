@@ -7,11 +7,15 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import given, settings as search
+from hypothesis import strategies as st
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from app.logging import configure_logging
 from app.main import create_app
 from app.proxy import client_address
+from app.routes import Hello, TailRoute
 from tests.conftest import make_settings
 from tests.test_api import PUT_HEADERS, assert_problem
 from tests.test_logging import lines, log_stream  # noqa: F401  (fixture)
@@ -73,6 +77,22 @@ def test_a_trailing_slash_is_404_on_every_path(client, path):
 
 def test_an_empty_username_is_still_400(client):
     assert_problem(client.get("/hello/"), 400, "invalid-username")
+
+
+@search(max_examples=2000, deadline=None)
+@given(tail=st.text(alphabet=st.sampled_from("ab/\n\r\x00é%. "), max_size=8),
+       prefix=st.sampled_from(["/hello/", "/hello", "/hell/", "/", "/healthz/", "//hello/"]),
+       method=st.sampled_from(["GET", "HEAD", "PUT", "DELETE", "POST"]),
+       root_path=st.sampled_from(["", "/api"]))
+def test_the_prefix_route_matches_as_starlettes_regex_route(tail, prefix, method, root_path):
+    """TailRoute skips Starlette's regex; it must match, refuse and extract alike."""
+    path = root_path + prefix + tail
+    ours = TailRoute("/hello/", "username", Hello(), methods=Hello.METHODS)
+    starlettes = Route("/hello/{username:anytext}", ours.endpoint, methods=Hello.METHODS)
+    for scope_type in ("http", "websocket"):
+        scope = {"type": scope_type, "path": path, "root_path": root_path, "method": method,
+                 "path_params": {"mounted": "kept"}}
+        assert ours.matches(scope) == starlettes.matches(scope)
 
 
 def test_a_huge_username_is_neither_echoed_nor_logged_whole(
