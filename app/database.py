@@ -186,6 +186,7 @@ class PostgresDatabase:
         self.statement_timeout = settings.db_statement_timeout
         self.url = settings.libpq_url
         self._readiness_connection: AsyncConnection[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by open()
         self.stats = DatabaseStats()
         # When each pooled connection last proved good; weak, so a connection
         # the pool drops is forgotten with it.
@@ -255,6 +256,9 @@ class PostgresDatabase:
         await self.pool.putconn(connection)
 
     async def open(self) -> None:
+        # The loop every statement's watchdog is set on, kept: on CPython 3.11
+        # asyncio.get_running_loop() is a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
         # Do not wait: a database that is down at start-up shows in /readyz.
         await self.pool.open(wait=False)
 
@@ -274,7 +278,10 @@ class PostgresDatabase:
 
     async def _execute(self, query: str, params: Params, fetch: bool) -> Any:
         try:
-            result = await self._execute_with_retries(query, params, fetch)
+            try:
+                result = await self._attempt(query, params, fetch, retry=False)
+            except _Retry as first:
+                result = await self._retry(query, params, fetch, first)
         except DatabaseUnavailable:
             self.stats.outcome("unavailable")
             raise
@@ -284,11 +291,9 @@ class PostgresDatabase:
         self.stats.outcome("ok")
         return result
 
-    async def _execute_with_retries(self, query: str, params: Params, fetch: bool) -> Any:
-        try:
-            return await self._attempt(query, params, fetch, retry=False)
-        except _Retry as first:
-            failure = first
+    async def _retry(self, query: str, params: Params, fetch: bool, first: _Retry) -> Any:
+        """The statement again on a fresh connection, up to MAX_RETRIES times."""
+        failure = first
         for _ in range(MAX_RETRIES):
             logger.info("retrying on a fresh connection after %s", _describe(failure.error))
             self.stats.retries += 1
@@ -310,7 +315,7 @@ class PostgresDatabase:
             if is_unavailable(error):
                 raise self._unavailable(error) from error
             raise
-        watchdog = asyncio.get_running_loop().call_later(
+        watchdog = self._loop.call_later(
             self.statement_timeout + self.CLIENT_DEADLINE_MARGIN, _sever, connection
         )
         try:
