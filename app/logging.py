@@ -11,6 +11,7 @@ Request bodies are never logged, so a date of birth never reaches a log.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -32,9 +33,64 @@ SPAN_KEY = "logging.googleapis.com/spanId"
 SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
 
 access_logger = logging.getLogger("app.access")
+
+
+class JsonLineHandler(logging.StreamHandler[TextIO]):
+    """The JSON handler, which lets access lines wait a moment to be written together.
+
+    Every write to stdout is a system call: in the server under load, one
+    per request was 4-5 us of a GET's ~160 us of CPU (nox -s bench's servers,
+    measured per process). Access lines are held, as nginx's ``access_log
+    ... buffer= flush=`` holds them, and written in one call:
+    - at once when no request is in flight: an idle server holds nothing,
+      so no line waits for the next request (nor for CPU that Cloud Run
+      throttles between requests);
+    - when MAX_HELD lines are held, or MAX_DELAY seconds after the first;
+    - before any other record, so stdout keeps the order they were made in;
+    - on flush() and close(), which logging.shutdown() calls at exit.
+    What a SIGKILL can lose is what is held then: at most MAX_HELD lines, no
+    more than MAX_DELAY old.
+    """
+
+    MAX_HELD = 32
+    MAX_DELAY = 0.01
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.held: list[str] = []
+
+    def hold(self, line: str, in_flight: int) -> None:
+        """Called on the event loop by the access log, ``in_flight`` requests
+        still running."""
+        with self.lock:  # type: ignore[union-attr]  # other threads log too
+            held = self.held
+            held.append(line)
+            if not in_flight or len(held) >= self.MAX_HELD:
+                self.flush()
+            elif len(held) == 1:
+                # Never cancelled (flush may run on another thread): one that
+                # finds nothing held does nothing.
+                asyncio.get_running_loop().call_later(self.MAX_DELAY, self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            held, self.held = self.held, []
+            if held:
+                try:
+                    self.stream.write("".join(held))
+                except Exception:
+                    self.handleError(logging.makeLogRecord({"msg": "held access lines"}))
+            super().flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held:
+            self.flush()
+        super().emit(record)
+
+
 # The handler configure_logging installed when it writes JSON; access lines go
 # straight to it (see AccessLogMiddleware._log).
-_json_handler: logging.StreamHandler[TextIO] | None = None
+_json_handler: JsonLineHandler | None = None
 
 
 _ACCESS_LINE = (
@@ -123,16 +179,19 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not stream.isatty()
     )
-    handler: logging.StreamHandler[TextIO] = logging.StreamHandler(stream)
-    handler.setFormatter(
-        CloudLoggingFormatter(settings.google_cloud_project) if use_json else TerminalFormatter()
-    )
+    handler: logging.StreamHandler[TextIO]
+    if use_json:
+        handler = JsonLineHandler(stream)
+        handler.setFormatter(CloudLoggingFormatter(settings.google_cloud_project))
+    else:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(TerminalFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    _json_handler = handler if use_json else None
+    _json_handler = handler if isinstance(handler, JsonLineHandler) else None
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
@@ -162,6 +221,7 @@ class AccessLogMiddleware:
         self.project = project
         self.forwarded_hops = forwarded_hops
         self.metrics = metrics
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -183,6 +243,7 @@ class AccessLogMiddleware:
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight += 1
+        self.in_flight += 1
 
         # A plain function handing back send's awaitable: the caller awaits
         # it, without a coroutine of this wrapper's own for every message.
@@ -202,6 +263,7 @@ class AccessLogMiddleware:
             status = 500
         finally:
             latency = time.perf_counter() - started
+            self.in_flight -= 1
             self._log(scope, status or 500, latency, error, trace, headers)
             if metrics is not None:
                 metrics.in_flight -= 1
@@ -257,13 +319,4 @@ class AccessLogMiddleware:
             _quote(user_agent), _quote(remote), protocol,
             "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
         )
-        lock = handler.lock
-        lock.acquire()  # type: ignore[union-attr]
-        try:
-            # Flushed as StreamHandler.emit flushes every record: a line is out
-            # when its request is, whether or not stdout buffers (it does not
-            # under PYTHONUNBUFFERED, the image's setting).
-            handler.stream.write(line)
-            handler.stream.flush()
-        finally:
-            lock.release()  # type: ignore[union-attr]
+        handler.hold(line, self.in_flight)

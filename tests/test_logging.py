@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import time
+import weakref
 from datetime import datetime, timezone
 
 import pytest
@@ -13,7 +15,8 @@ from starlette.testclient import TestClient
 
 from app import logging as app_logging
 from app import tracing
-from app.logging import CloudLoggingFormatter, configure_logging, trace_fields
+from app.logging import (AccessLogMiddleware, CloudLoggingFormatter, configure_logging,
+                         trace_fields)
 from app.main import create_app
 from tests.conftest import make_settings
 
@@ -114,8 +117,8 @@ def test_the_written_access_line_says_what_the_formatter_says(
 
 
 def test_an_access_line_is_out_when_its_request_is(sqlite_url, clock, log_stream):
-    """Even on a stdout that buffers (no PYTHONUNBUFFERED): flushed per line,
-    as logging's StreamHandler flushes every record."""
+    """Even on a stdout that buffers (no PYTHONUNBUFFERED): with no other
+    request in flight the line is written and flushed at once."""
     raw = io.BytesIO()
     buffered = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)  # 8 kB pending
     settings = make_settings(sqlite_url, log_format="json")
@@ -124,6 +127,112 @@ def test_an_access_line_is_out_when_its_request_is(sqlite_url, clock, log_stream
         raw.truncate(0), raw.seek(0)
         client.get("/hello/nobody")
         assert b'"requestUrl":"/hello/nobody"' in raw.getvalue()
+
+
+class _Gated:
+    """An ASGI app that answers /<name> with 200 once gate(name) is opened."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.gate(scope["path"].strip("/")).wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _request(app, name: str) -> asyncio.Task:
+    scope = {"type": "http", "method": "GET", "path": f"/{name}", "headers": [],
+             "http_version": "1.1", "client": ("127.0.0.1", 1)}
+
+    async def send(message) -> None:
+        pass
+    return asyncio.ensure_future(app(scope, None, send))
+
+
+def _written(stream: io.StringIO) -> list[str]:
+    return [entry["httpRequest"]["requestUrl"] for entry in lines(stream)
+            if "httpRequest" in entry]
+
+
+def test_lines_wait_while_a_request_is_in_flight_and_are_written_in_order(
+        sqlite_url, log_stream):
+    configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
+    handler = app_logging._json_handler
+    assert isinstance(handler, app_logging.JsonLineHandler)
+    handler.MAX_DELAY = 60  # only the in-flight rule is under test here
+
+    async def scenario() -> None:
+        inner = _Gated()
+        app = AccessLogMiddleware(inner, project=None)
+        slow, first, second = (_request(app, name) for name in ("slow", "a", "b"))
+        inner.gate("a").set()
+        await first
+        inner.gate("b").set()
+        await second
+        assert _written(log_stream) == []  # /slow is still in flight
+        inner.gate("slow").set()
+        await slow
+        assert _written(log_stream) == ["/a", "/b", "/slow"]  # once idle, in order
+
+    asyncio.run(scenario())
+
+
+def test_a_held_line_waits_at_most_max_delay(sqlite_url, log_stream):
+    configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
+
+    async def scenario() -> None:
+        inner = _Gated()
+        app = AccessLogMiddleware(inner, project=None)
+        slow, quick = _request(app, "slow"), _request(app, "quick")
+        inner.gate("quick").set()
+        await quick
+        assert _written(log_stream) == []
+        await asyncio.sleep(app_logging.JsonLineHandler.MAX_DELAY * 5)
+        assert _written(log_stream) == ["/quick"]  # /slow is still in flight
+        inner.gate("slow").set()
+        await slow
+
+    asyncio.run(scenario())
+
+
+def test_max_held_lines_are_written_together(sqlite_url, log_stream):
+    configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
+    handler = app_logging._json_handler
+    assert isinstance(handler, app_logging.JsonLineHandler)
+    handler.MAX_DELAY = 60
+
+    async def scenario() -> None:
+        for number in range(handler.MAX_HELD - 1):
+            handler.hold(f"{number}\n", in_flight=1)
+        assert log_stream.getvalue() == ""
+        handler.hold("last\n", in_flight=1)
+        assert log_stream.getvalue().splitlines() == [
+            *map(str, range(handler.MAX_HELD - 1)), "last"]
+
+    asyncio.run(scenario())
+
+
+def test_another_record_and_shutdown_write_the_held_lines_first(sqlite_url, log_stream):
+    configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
+    handler = app_logging._json_handler
+    assert isinstance(handler, app_logging.JsonLineHandler)
+    handler.MAX_DELAY = 60
+
+    async def scenario() -> None:
+        handler.hold('{"held":1}\n', in_flight=1)
+        logging.getLogger("app.database").warning("database unavailable: test")
+        handler.hold('{"held":2}\n', in_flight=1)
+
+    asyncio.run(scenario())
+    written = lines(log_stream)
+    assert [entry.get("held") or entry["message"] for entry in written] == [
+        1, "database unavailable: test"]
+    logging.shutdown([weakref.ref(handler)])  # as at exit: flush, then close
+    assert lines(log_stream)[-1] == {"held": 2}
 
 
 @pytest.mark.parametrize("now", [0.0, 1_790_000_000.0, 1_790_000_000.999999, 1_790_000_001.5,
