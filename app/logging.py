@@ -64,23 +64,33 @@ class JsonLineHandler(logging.StreamHandler[TextIO]):
         still running."""
         with self.lock:  # type: ignore[union-attr]  # other threads log too
             held = self.held
-            held.append(line)
-            if not in_flight or len(held) >= self.MAX_HELD:
-                self.flush()
-            elif len(held) == 1:
-                # Never cancelled (flush may run on another thread): one that
-                # finds nothing held does nothing.
-                asyncio.get_running_loop().call_later(self.MAX_DELAY, self.flush)
+            if in_flight and len(held) < self.MAX_HELD - 1:
+                held.append(line)
+                if len(held) == 1:
+                    # Never cancelled (flush may run on another thread): one
+                    # that finds nothing held does nothing.
+                    asyncio.get_running_loop().call_later(self.MAX_DELAY, self.flush)
+                return
+            if held:
+                held.append(line)
+                self.held = []
+                line = "".join(held)
+            self._write(line)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             held, self.held = self.held, []
             if held:
-                try:
-                    self.stream.write("".join(held))
-                except Exception:
-                    self.handleError(logging.makeLogRecord({"msg": "held access lines"}))
-            super().flush()
+                self._write("".join(held))
+            else:
+                super().flush()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "held access lines"}))
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.held:
