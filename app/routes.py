@@ -206,9 +206,10 @@ class Hello:
         # sent twice is read from its first line, as Starlette's Headers reads it.
         headers = dict(reversed(scope["headers"]))
         content_type = headers.get(b"content-type")
-        validation.check_content_type(content_type.decode("latin-1") if content_type else None)
+        validation.check_content_type(None if content_type is None
+                                      else content_type.decode("latin-1"))
         declared = headers.get(b"content-length")
-        body = await _read_body(receive, declared.decode("latin-1") if declared else None,
+        body = await _read_body(receive, None if declared is None else declared.decode("latin-1"),
                                 state["body_read_timeout"])
         date_of_birth = validation.parse_date_of_birth(body, today)
         await state["database"].upsert(username, date_of_birth)

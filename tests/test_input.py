@@ -220,6 +220,22 @@ def test_a_stalled_body_is_a_408_once_the_deadline_passes():
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("declared", [b"", b"12x", b"-1", b" 28"])
+def test_a_content_length_that_is_not_a_whole_number_is_400(declared, clock):
+    """uvicorn's parser refuses these before the app; behind another server
+    the endpoint does. Both headers are read from their first line."""
+    from app.errors import Problem
+
+    scope = {"type": "http", "method": "PUT", "path_params": {"username": "alice"},
+             "query_string": b"", "state": {"clock": clock, "body_read_timeout": 5},
+             "headers": [(b"content-type", b"application/json"), (b"content-length", declared),
+                         (b"content-type", b"text/plain"), (b"content-length", b"28")]}
+    with pytest.raises(Problem) as raised:
+        asyncio.run(Hello().put(scope, _stalled_receive))
+    assert (raised.value.status, raised.value.type) == (
+        400, "urn:hello-birthday:problem:invalid-content-length")
+
+
 def test_a_cancel_from_outside_stays_a_cancel_while_reading_a_body():
     """Shutdown cancels a request's task: that must not turn into a 408 answer."""
     from app.routes import _read_body
