@@ -158,13 +158,19 @@ def _written(stream: io.StringIO) -> list[str]:
             if "httpRequest" in entry]
 
 
-def test_lines_wait_while_a_request_is_in_flight_and_are_written_in_order(
-        sqlite_url, log_stream):
+@pytest.fixture
+def patient_handler(sqlite_url, log_stream) -> app_logging.JsonLineHandler:
+    """The JSON handler writing to log_stream, its MAX_DELAY out of the way:
+    only the other rules write held lines."""
     configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
     handler = app_logging._json_handler
     assert isinstance(handler, app_logging.JsonLineHandler)
-    handler.MAX_DELAY = 60  # only the in-flight rule is under test here
+    handler.MAX_DELAY = 60
+    return handler
 
+
+def test_lines_wait_while_a_request_is_in_flight_and_are_written_in_order(
+        patient_handler, log_stream):
     async def scenario() -> None:
         inner = _Gated()
         app = AccessLogMiddleware(inner, project=None)
@@ -199,11 +205,8 @@ def test_a_held_line_waits_at_most_max_delay(sqlite_url, log_stream):
     asyncio.run(scenario())
 
 
-def test_max_held_lines_are_written_together(sqlite_url, log_stream):
-    configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
-    handler = app_logging._json_handler
-    assert isinstance(handler, app_logging.JsonLineHandler)
-    handler.MAX_DELAY = 60
+def test_max_held_lines_are_written_together(patient_handler, log_stream):
+    handler = patient_handler
 
     async def scenario() -> None:
         for number in range(handler.MAX_HELD - 1):
@@ -216,11 +219,8 @@ def test_max_held_lines_are_written_together(sqlite_url, log_stream):
     asyncio.run(scenario())
 
 
-def test_another_record_and_shutdown_write_the_held_lines_first(sqlite_url, log_stream):
-    configure_logging(make_settings(sqlite_url, log_format="json"), log_stream)
-    handler = app_logging._json_handler
-    assert isinstance(handler, app_logging.JsonLineHandler)
-    handler.MAX_DELAY = 60
+def test_another_record_and_shutdown_write_the_held_lines_first(patient_handler, log_stream):
+    handler = patient_handler
 
     async def scenario() -> None:
         handler.hold('{"held":1}\n', in_flight=1)
