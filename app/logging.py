@@ -47,7 +47,8 @@ class JsonLineHandler(logging.StreamHandler[TextIO]):
       throttles between requests);
     - when MAX_HELD lines are held, or MAX_DELAY seconds after the first;
     - before any other record, so stdout keeps the order they were made in;
-    - on flush() and close(), which logging.shutdown() calls at exit.
+    - on flush(), which logging.shutdown() calls at exit (close() alone
+      writes nothing).
     What a SIGKILL can lose is what is held then: at most MAX_HELD lines, no
     more than MAX_DELAY old.
     """
