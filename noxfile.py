@@ -346,7 +346,7 @@ def ci_config(session: nox.Session) -> None:
 def deploy_cloudrun(session: nox.Session) -> None:
     """cloudrun/deploy.sh: backup, migrate, tagged no-traffic revision, smoke test, shift.
 
-    Needs gcloud, credentials and the variables the script lists (README, Cloud Run).
+    Needs gcloud, credentials and the variables the script lists (docs/deploy-cloudrun.md).
     """
     session.run("bash", "cloudrun/deploy.sh", *session.posargs, external=True)
 

@@ -9,7 +9,7 @@
 # Optional: INSTANCE (hello-birthday) DATABASE (hello) DB_USER (hello)
 #           REPOSITORY (apps) SECRET (database-url) RUNTIME_NAME (hello-birthday)
 #           RUNGMP_SECRET (rungmp-config: the metrics sidecar's RunMonitoring)
-#           TIER (db-custom-1-3840: max_connections 100, see the README's budget)
+#           TIER (db-custom-1-3840: max_connections 100, see docs/capacity.md)
 #           PRIVATE_NETWORK (a VPC: the instance gets a private IP only, as the
 #           GKE chart's Cloud SQL Auth Proxy with privateIp expects)
 set -euo pipefail

@@ -8,7 +8,7 @@ PostgreSQL and the image `nox -s container` builds; then:
    backup claim, pruning to `keep`), then `alembic upgrade head`, with the
    chart's env, Secret, volumes, UID and read-only root. Checked: a dump
    exists, older dumps of the release are pruned and other releases' are not,
-   the schema is at head, and the dump restores with the README's command.
+   the schema is at head, and the dump restores with docs/deploy-gke.md's command.
    Then the same pod on a claim it cannot write: the backup fails and the
    migration never starts.
 2. the Deployment's pod, with the rendered ConfigMap too. Checked: the
@@ -248,9 +248,9 @@ RESTORE = 'pg_restore --clean --if-exists --no-owner --dbname="$DATABASE_URL"'
 
 
 def restore(url: str, pg_dump: str, claim_name: str, dump: str) -> None:
-    """The README's restore command, in the same client image, on the claim."""
-    readme = (ROOT / "README.md").read_text()
-    assert RESTORE.replace('"', '\\"') in readme, "the README's restore command changed"
+    """docs/deploy-gke.md's restore command, in the same client image, on the claim."""
+    readme = (ROOT / "docs" / "deploy-gke.md").read_text()
+    assert RESTORE.replace('"', '\\"') in readme, "docs/deploy-gke.md's restore command changed"
     run(*PODMAN, "run", "--rm", "--network", "host", "-v", f"{claim_name}:/backup:ro",
         "-e", f"DATABASE_URL={url}", pg_dump, "sh", "-c", f"{RESTORE} /backup/{dump}")
 
@@ -267,7 +267,7 @@ def usernames(url: str) -> set[str]:
 
 def check_restore(docs: list[dict], url: str, pg_dump: str) -> None:
     """The next release's Job backs up the data the server wrote; after a later
-    change, the README's restore of that dump brings it back."""
+    change, the documented restore of that dump brings it back."""
     claim_name = next(v["persistentVolumeClaim"]["claimName"] for v in
                       one(docs, "Job", "-migrate")["spec"]["template"]["spec"]["volumes"]
                       if "persistentVolumeClaim" in v)
@@ -287,7 +287,7 @@ def check_restore(docs: list[dict], url: str, pg_dump: str) -> None:
     engine.dispose()
     restore(url, pg_dump, claim_name, newest)
     assert usernames(url) == before
-    print(f"gke-local: the README's restore of {newest}: OK", flush=True)
+    print(f"gke-local: the documented restore of {newest}: OK", flush=True)
 
 
 def port_of(container: dict, name: str | int) -> int:

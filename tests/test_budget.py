@@ -1,4 +1,4 @@
-"""The connection budget, written once (README, "Connection budget"): every
+"""The connection budget, written once (docs/capacity.md, "Connection budget"): every
 process that can hold a PostgreSQL connection at the same moment, on each
 target, against max_connections less what operators and Cloud SQL keep."""
 
@@ -10,8 +10,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-MAX_CONNECTIONS = 100      # the instance the README creates (db-custom-1-3840)
-SHARED_MAX_CONNECTIONS = 200  # the flag the README sets when both targets share one
+MAX_CONNECTIONS = 100      # the instance cloudrun/setup.sh creates (db-custom-1-3840)
+SHARED_MAX_CONNECTIONS = 200  # the flag docs/capacity.md names when both targets share one
 RESERVED = 10              # superuser slots, Cloud SQL's own agents, an operator's psql
 MIGRATION = 1              # alembic, one connection (NullPool)
 BACKUP = 1                 # pg_dump in the GKE hook (Cloud SQL backups use none)
@@ -75,8 +75,8 @@ def test_both_targets_on_one_instance_fit_the_documented_flag():
         <= SHARED_MAX_CONNECTIONS - RESERVED
 
 
-def test_the_readme_states_these_figures():
-    readme = (ROOT / "README.md").read_text()
+def test_the_capacity_doc_states_these_figures():
+    readme = (ROOT / "docs" / "capacity.md").read_text()
     assert f"{cloud_run()} connections" in readme
     assert f"{gke('helm/values/production.yaml')} connections" in readme
     assert f"max_connections={SHARED_MAX_CONNECTIONS}" in readme

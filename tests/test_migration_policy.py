@@ -1,4 +1,4 @@
-"""The migrations policy (README, "Migrations"): expand/contract only.
+"""The migrations policy (docs/operations.md, "Migrations"): expand/contract only.
 
 A migration never drops or renames what the previous release reads. A contract
 step (a drop or rename) ships only in a release after the one that stopped
