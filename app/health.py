@@ -1,4 +1,4 @@
-"""Operational endpoints: liveness, and readiness as ``../shared/API.md`` defines it."""
+"""Operational endpoints: liveness, and readiness as docs/api.md defines it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from app.database import DatabaseUnavailable
-from app.errors import RETRY_AFTER_SECONDS, Problem, problem_response
+from app.errors import Problem, problem_response
 from app.schema import schema_verdict
 
 logger = logging.getLogger("app.health")
@@ -93,11 +93,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> Response:
-    reason = await request.state.readiness.check()
+    reason = await request.app.state.readiness.check()
     if reason is None:
         return JSONResponse({"status": "ready"})
-    problem = Problem(
-        503, "not-ready", f"Not ready: {reason}.", title="Not ready",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
-    return problem_response(problem, "/readyz")
+    return problem_response(Problem("not-ready", f"Not ready: {reason}."), "/readyz")

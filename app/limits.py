@@ -1,48 +1,18 @@
-"""Overload protection: a bound on the requests one process serves at once."""
+"""Every bound the service puts on what a client controls, each one constant
+(docs/api.md, "What a client controls")."""
 
-from __future__ import annotations
-
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from app.errors import RETRY_AFTER_SECONDS, Problem, problem_response
-from app.metrics import RequestMetrics
-
-_OVERLOADED = Problem(
-    503, "overloaded",
-    "The server is at its limit of concurrent requests; retry after the number of seconds "
-    "in Retry-After.",
-    title="Service temporarily unavailable",
-    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-)
-
-
-class ConcurrencyLimit:
-    """Pure ASGI middleware: past ``limit`` requests in flight, answer 503 at once.
-
-    Queueing without bound only turns overload into timeouts for everyone;
-    a quick 503 with Retry-After lets the load balancer or client go elsewhere.
-    Unlike uvicorn's ``limit_concurrency`` it counts requests, not connections,
-    so idle keep-alive connections from a load balancer (kept for 600 s on
-    GKE) never count against it. The probes are never refused.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int, metrics: RequestMetrics | None = None) -> None:
-        self.app = app
-        self.limit = limit
-        self.metrics = metrics
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in ("/healthz", "/readyz"):
-            await self.app(scope, receive, send)
-            return
-        if self.in_flight >= self.limit:
-            if self.metrics is not None:
-                self.metrics.rejected += 1
-            await problem_response(_OVERLOADED)(scope, receive, send)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
+# A request head (request line and header lines) larger than this, or with
+# more header lines than this, is refused with 431 before it is parsed
+# (docs/api.md, "What a client controls").
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_LINES = 100
+# A connection must deliver each complete request head within this many seconds.
+HEAD_TIMEOUT_SECONDS = 10.0
+# A PUT body larger than this is refused with 413.
+MAX_BODY_BYTES = 1024
+# Client-controlled text in a log line or an echoed `instance` is cut at this
+# many characters: a 64-letter username (up to 4 code points each before NFC)
+# with its path fits.
+MAX_ECHOED_CHARS = 300
+# The User-Agent is logged up to this many characters.
+MAX_LOGGED_USER_AGENT = 512

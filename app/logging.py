@@ -11,21 +11,23 @@ Request bodies are never logged, so a date of birth never reaches a log.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Awaitable
 from datetime import datetime, timezone
 from typing import TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import tracing
-from app.errors import internal_error, problem_response
+from app.errors import Problem, internal_error, problem_response
+from app.headers import header
+from app.limits import MAX_ECHOED_CHARS, MAX_HEADER_LINES, MAX_LOGGED_USER_AGENT
 from app.metrics import RequestMetrics
 from app.proxy import client_address
+from app.server import response_done
 from app.settings import Settings
 
 TRACE_KEY = "logging.googleapis.com/trace"
@@ -33,104 +35,6 @@ SPAN_KEY = "logging.googleapis.com/spanId"
 SAMPLED_KEY = "logging.googleapis.com/trace_sampled"
 
 access_logger = logging.getLogger("app.access")
-
-
-class JsonLineHandler(logging.StreamHandler[TextIO]):
-    """The JSON handler, which lets access lines wait a moment to be written together.
-
-    Every write to stdout is a system call: in the server under load, one
-    per request was 4-5 us of a GET's ~160 us of CPU (nox -s bench's servers,
-    measured per process). Access lines are held, as nginx's ``access_log
-    ... buffer= flush=`` holds them, and written in one call:
-    - at once when no request is in flight: an idle server holds nothing,
-      so no line waits for the next request (nor for CPU that Cloud Run
-      throttles between requests);
-    - when MAX_HELD lines are held, or MAX_DELAY seconds after the first;
-    - before any other record, so stdout keeps the order they were made in;
-    - on flush(), which logging.shutdown() calls at exit (close() alone
-      writes nothing).
-    What a SIGKILL can lose is what is held then: at most MAX_HELD lines, no
-    more than MAX_DELAY old.
-    """
-
-    MAX_HELD = 32
-    MAX_DELAY = 0.01
-
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__(stream)
-        self.held: list[str] = []
-
-    def hold(self, line: str, in_flight: int) -> None:
-        """Called on the event loop by the access log, ``in_flight`` requests
-        still running."""
-        with self.lock:  # type: ignore[union-attr]  # other threads log too
-            held = self.held
-            if in_flight and len(held) < self.MAX_HELD - 1:
-                held.append(line)
-                if len(held) == 1:
-                    # Never cancelled (flush may run on another thread): one
-                    # that finds nothing held does nothing.
-                    asyncio.get_running_loop().call_later(self.MAX_DELAY, self.flush)
-                return
-            if held:
-                held.append(line)
-                self.held = []
-                line = "".join(held)
-            self._write(line)
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            held, self.held = self.held, []
-            if held:
-                self._write("".join(held))
-            else:
-                super().flush()
-
-    def _write(self, text: str) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except Exception:
-            self.handleError(logging.makeLogRecord({"msg": "held access lines"}))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.held:
-            self.flush()
-        super().emit(record)
-
-
-# The handler configure_logging installed when it writes JSON; access lines go
-# straight to it (see AccessLogMiddleware._log).
-_json_handler: JsonLineHandler | None = None
-
-
-_ACCESS_LINE = (
-    '{"severity":"%s","message":"%s %s %d %.1fms","time":"%s","logger":"app.access",'
-    '"httpRequest":{"requestMethod":"%s","requestUrl":%s,"status":%d,"latency":"%.6fs",'
-    '"userAgent":%s,"remoteIp":%s,"protocol":"%s"}%s}\n'
-)
-_quote = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept
-# A path is logged up to this many characters: a 65 kB username must not make
-# a 130 kB log line. The longest valid one (/hello/ and 64 letters, each up to
-# 4 code points before NFC) fits.
-MAX_LOGGED_PATH = 300
-
-
-_second = -1
-_second_text = ""
-
-
-def utc_timestamp(now: float) -> str:
-    """``now`` (seconds since the epoch) as datetime's isoformat writes it in UTC.
-
-    The date and time of day are formatted once a second: a datetime and its
-    isoformat() for every line cost 0.9 us, a third of the access line.
-    """
-    global _second, _second_text
-    second = int(now)
-    if second != _second:
-        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return "%s.%06d+00:00" % (_second_text, (now - second) * 1_000_000)
 
 
 def trace_fields(trace: tracing.Trace | None, project: str | None) -> dict[str, object] | None:
@@ -185,24 +89,20 @@ class TerminalFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings, stream: TextIO | None = None) -> logging.Handler:
     """Route every logger (ours, uvicorn's) through one handler on stdout."""
-    global _json_handler
     stream = stream or sys.stdout
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not stream.isatty()
     )
-    handler: logging.StreamHandler[TextIO]
+    handler = logging.StreamHandler(stream)
     if use_json:
-        handler = JsonLineHandler(stream)
         handler.setFormatter(CloudLoggingFormatter(settings.google_cloud_project))
     else:
-        handler = logging.StreamHandler(stream)
         handler.setFormatter(TerminalFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    _json_handler = handler if isinstance(handler, JsonLineHandler) else None
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
@@ -213,17 +113,30 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
 
 
 _PROTOCOLS = {version: f"HTTP/{version}" for version in ("1.0", "1.1", "2", "3")}
-_LEVEL_NAMES = {logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR"}
+# C0 and C1 controls, and the Unicode line and paragraph separators: a client
+# must not be able to start a new line in a text log.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(text: str, limit: int) -> str:
+    """Client text for a log line: controls escaped, at most ``limit`` characters
+    and a note of the length beyond that."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    return text
 
 
 class AccessLogMiddleware:
-    """Pure ASGI middleware: one log line per request, and the trace for every
-    line logged while the request runs.
+    """Pure ASGI middleware: one log line per request, through logging as
+    uvicorn writes its own access log, and the trace for every line logged
+    while the request runs.
 
     It is also the last resort for a bug: an exception that reaches it becomes
     a problem+json 500 and one log entry, this request's line with the
-    traceback in it (Starlette's own last resort re-raises to uvicorn, which
-    logged the same traceback twice more).
+    traceback in it (Starlette's own last resort, ServerErrorMiddleware, would
+    re-raise to uvicorn, which logs the same traceback twice more).
     """
 
     def __init__(self, app: ASGIApp, project: str | None, forwarded_hops: int = 0,
@@ -232,58 +145,48 @@ class AccessLogMiddleware:
         self.project = project
         self.forwarded_hops = forwarded_hops
         self.metrics = metrics
-        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        # Every header the line and the trace need, in one pass in C; reversed,
-        # so that a header sent twice is read from its first line.
-        headers = dict(reversed(scope["headers"]))
-        traceparent = headers.get(b"traceparent")
-        cloud_trace = headers.get(b"x-cloud-trace-context")
-        trace = token = None
-        if traceparent or cloud_trace:
-            trace = tracing.parse(traceparent.decode("latin-1") if traceparent else None,
-                                  cloud_trace.decode("latin-1") if cloud_trace else None)
-            token = tracing.current.set(trace)
+        trace = tracing.parse(header(scope, b"traceparent"),
+                              header(scope, b"x-cloud-trace-context"))
+        token = tracing.current.set(trace)
         status = 0
         error: Exception | None = None
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight += 1
-        self.in_flight += 1
 
-        # A plain function handing back send's awaitable: the caller awaits
-        # it, without a coroutine of this wrapper's own for every message.
-        def send_and_record(message: Message) -> Awaitable[None]:
+        async def send_and_record(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            return send(message)
+            await send(message)
 
         try:
-            await self.app(scope, receive, send_and_record)
+            if len(scope["headers"]) > MAX_HEADER_LINES:
+                # The server refuses longer heads before parsing them (app.server);
+                # this holds the bound under any other server too.
+                await problem_response(Problem(
+                    "headers-too-large", f"The request has more than {MAX_HEADER_LINES} "
+                    "header lines."), _escape(scope["path"], MAX_ECHOED_CHARS))(
+                    scope, receive, send_and_record)
+            else:
+                await self.app(scope, receive, send_and_record)
         except Exception as exc:
             error = exc
             if not status:
-                await problem_response(internal_error(), scope.get("path"))(
-                    scope, receive, send)
+                await problem_response(internal_error())(scope, receive, send)
             status = 500
         finally:
             latency = time.perf_counter() - started
-            self.in_flight -= 1
-            self._log(scope, status or 500, latency, error, trace, headers)
-            if metrics is not None:
-                metrics.in_flight -= 1
-                metrics.observe(scope, status or 500, latency)
-            if token is not None:
-                tracing.current.reset(token)
+            self._log(scope, status or 500, latency, error)
+            if self.metrics is not None:
+                self.metrics.observe(scope, status or 500, latency)
+            tracing.current.reset(token)
+            response_done(scope.get("state", {}))
 
-    def _log(self, scope: Scope, status: int, latency: float, error: Exception | None,
-             trace: tracing.Trace | None, headers: dict[bytes, bytes]) -> None:
+    def _log(self, scope: Scope, status: int, latency: float, error: Exception | None) -> None:
         # A 503 is the service working as designed while the database is away
         # (app.database logs why): a warning. Any other 5xx is an error.
         level = logging.ERROR if status >= 500 and status != 503 else (
@@ -294,40 +197,18 @@ class AccessLogMiddleware:
         client = scope.get("client")
         remote = client[0] if client else ""
         if self.forwarded_hops:
-            forwarded = headers.get(b"x-forwarded-for")
-            remote = client_address(forwarded.decode("latin-1") if forwarded else None,
-                                    remote, self.forwarded_hops)
-        user_agent = headers.get(b"user-agent", b"").decode("latin-1")
-        method = scope["method"]
-        path = scope["path"]
-        if len(path) > MAX_LOGGED_PATH:
-            path = f"{path[:MAX_LOGGED_PATH]}... ({len(path)} characters)"
+            remote = client_address(header(scope, b"x-forwarded-for"), remote,
+                                    self.forwarded_hops)
+        user_agent = _escape(header(scope, b"user-agent") or "", MAX_LOGGED_USER_AGENT)
+        method = scope["method"]  # an HTTP token: no space, quote or control (RFC 9110, 5.6.2)
+        path = _escape(scope["path"], MAX_ECHOED_CHARS)
         version = scope.get("http_version", "1.1")
-        protocol = _PROTOCOLS.get(version) or f"HTTP/{version}"
-        handler = _json_handler
-        if handler is None or error is not None:
-            access_logger.log(
-                level, "%s %s %d %.1fms", method, path, status, latency * 1000,
-                extra={"http_request": {
-                    "requestMethod": method, "requestUrl": path, "status": status,
-                    "latency": f"{latency:.6f}s", "userAgent": user_agent, "remoteIp": remote,
-                    "protocol": protocol,
-                }},
-                exc_info=error,
-            )
-            return
-        # The per-request line is written directly: no LogRecord, Formatter or
-        # json.dumps of a nested dict (tests/test_logging.py holds it equal to
-        # the formatter's line). Strings from the client are JSON-escaped, but
-        # for the method: an HTTP token (RFC 9110, 5.6.2) has no quote,
-        # backslash or control character, and the server parsed it as one.
-        fields = trace_fields(trace, self.project) if trace is not None else None
-        quoted_path = _quote(path)
-        line = _ACCESS_LINE % (
-            _LEVEL_NAMES[level], method, quoted_path[1:-1], status, latency * 1000,
-            utc_timestamp(time.time()),
-            method, quoted_path, status, latency,
-            _quote(user_agent), _quote(remote), protocol,
-            "," + json.dumps(fields, separators=(",", ":"))[1:-1] if fields else "",
+        access_logger.log(
+            level, "%s %s %d %.1fms", method, path, status, latency * 1000,
+            extra={"http_request": {
+                "requestMethod": method, "requestUrl": path, "status": status,
+                "latency": f"{latency:.6f}s", "userAgent": user_agent, "remoteIp": remote,
+                "protocol": _PROTOCOLS.get(version) or f"HTTP/{version}",
+            }},
+            exc_info=error,
         )
-        handler.hold(line, self.in_flight)

@@ -6,7 +6,7 @@ localhost) and, on GKE, from the scraper the NetworkPolicy admits.
 
 How the cost stays off the request path:
 - A request adds to plain counters and histogram buckets here, on the event
-  loop's one thread: no lock, no library call (about 1 us).
+  loop's one thread: no lock, no library call.
 - prometheus-client renders them at scrape time through a custom collector
   (its documented extension point for values kept elsewhere), and serves them
   from its own thread. The pool's, readiness's and the database's counts are
@@ -48,8 +48,6 @@ class RequestMetrics:
     """What the request path records: plain numbers, read when scraped."""
 
     def __init__(self) -> None:
-        self.in_flight = 0
-        self.rejected = 0  # overload 503s (app.limits)
         # (id of the route, method) -> (route template, requests by status
         # class, latency histogram: one count per bucket, the +Inf overflow,
         # then the sum). Routes live as long as the app; no route: id(None).
@@ -93,9 +91,10 @@ class RequestMetrics:
 class Collector:
     """prometheus-client's custom collector over the service's own counts."""
 
-    def __init__(self, requests: RequestMetrics, database: Any, readiness: Any,
+    def __init__(self, requests: RequestMetrics, admission: Any, database: Any, readiness: Any,
                  version: str, revision: str) -> None:
         self.requests = requests
+        self.admission = admission
         self.database = database
         self.readiness = readiness
         self.version = version
@@ -134,11 +133,11 @@ class Collector:
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric(route_method, buckets, sum_value=counts[-1])
         yield latency
-        yield gauge("http_requests_in_flight", "Requests being served now.",
-                    self.requests.in_flight)
+        yield gauge("http_requests_in_flight", "Requests admitted and being served now "
+                    "(read and validated, not yet answered).", self.admission.in_flight)
         yield counter("http_requests_rejected",
                       "Requests answered 503 at once because MAX_CONCURRENT_REQUESTS were "
-                      "in flight.", self.requests.rejected)
+                      "in flight.", self.admission.rejected)
 
         stats = self.database.stats
         calls = CounterMetricFamily(PREFIX + "db_calls", "Database statements by outcome: ok, "

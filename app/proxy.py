@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 
 def client_address(forwarded_for: str | None, peer: str, hops: int) -> str:
     """The address the platform's own proxies saw the request come from.
@@ -12,11 +14,15 @@ def client_address(forwarded_for: str | None, peer: str, hops: int) -> str:
     balancer (GKE Ingress) appends two: the client, then its own address.
     Cloud Run's front end appends one, the client. With ``hops`` 0, or a header
     shorter than that (the request did not come through the platform), the
-    TCP peer is the answer.
+    TCP peer is the answer, as it is for an entry that is not an IP address.
+    The header sent on several lines is one list (app.headers.header joins it).
     """
     if hops <= 0 or not forwarded_for:
         return peer
     entries = [entry.strip() for entry in forwarded_for.split(",")]
-    if len(entries) < hops or not entries[-hops]:
+    if len(entries) < hops:
         return peer
-    return entries[-hops]
+    try:  # written by the platform, so an address; anything else was not
+        return str(ipaddress.ip_address(entries[-hops]))
+    except ValueError:
+        return peer

@@ -2,7 +2,8 @@
 
 Google's front ends (Cloud Run, the GKE load balancer) send a W3C
 ``traceparent`` and the older ``X-Cloud-Trace-Context``; the first that parses
-wins, as in google-cloud-logging's own request parsing.
+wins, as in google-cloud-logging's own request parsing. A header that does not
+parse is ignored: it is the client's, and never worth a failed request.
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ def _is_hex(value: str, length: int) -> bool:
 def parse(traceparent: str | None, cloud_trace: str | None) -> Trace | None:
     """A Trace from a W3C traceparent, else from an X-Cloud-Trace-Context, else None."""
     if traceparent:
+        # W3C Trace Context, 3.2: version 00 has exactly four fields; a later
+        # version may add fields after the flags.
         parts = traceparent.strip().lower().split("-")
-        if (len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff"
-                and _is_hex(parts[1], 32) and _is_hex(parts[2], 16)):
-            flags = int(parts[3], 16) if _is_hex(parts[3], 2) else 0
-            return Trace(parts[1], parts[2], bool(flags & 1))
+        version = parts[0]
+        if (len(parts) >= 4 and len(version) == 2 and set(version) <= _HEX and version != "ff"
+                and (version != "00" or len(parts) == 4)
+                and _is_hex(parts[1], 32) and _is_hex(parts[2], 16)
+                and len(parts[3]) == 2 and set(parts[3]) <= _HEX):
+            return Trace(parts[1], parts[2], bool(int(parts[3], 16) & 1))
     if cloud_trace:
         # TRACE_ID[/SPAN_ID][;o=OPTIONS], the span id in decimal.
         trace_part, _, options = cloud_trace.strip().partition(";")
         trace_id, _, span = trace_part.partition("/")
         trace_id = trace_id.lower()
         if _is_hex(trace_id, 32):
-            span_id = f"{int(span):016x}" if span.isdigit() and 0 < int(span) < 2**64 else None
+            # ASCII digits only: '²'.isdigit() is true, and int('²') raises.
+            decimal = span.isascii() and span.isdigit()
+            span_id = f"{int(span):016x}" if decimal and 0 < int(span) < 2**64 else None
             return Trace(trace_id, span_id, options.strip() == "o=1")
     return None
 

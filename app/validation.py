@@ -9,16 +9,29 @@ import zoneinfo
 from datetime import date, datetime, timezone, tzinfo
 from functools import lru_cache
 
-from app.domain import USERNAME_MAX_LENGTH
-from app.errors import Problem, bad_request, unprocessable
+import regex
 
-MAX_BODY_BYTES = 1024
+from app.domain import USERNAME_MAX_LENGTH
+from app.errors import Problem
+from app.limits import MAX_BODY_BYTES
+
 # NFC composes at most 4 code points into 1: the longest canonical
 # decomposition (U+1F82, U+1FAF, ...) is 4 long. A raw name longer than this
 # cannot normalise to USERNAME_MAX_LENGTH letters, so it is refused before
 # paying for normalisation (a path can be 65 kB).
 MAX_RAW_USERNAME_LENGTH = USERNAME_MAX_LENGTH * 4
 _DATE_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+# A name as people write it in any script: a letter (Unicode category L),
+# then letters and combining marks (category M: the vowel signs and viramas
+# of Devanagari and Tamil, Arabic harakat). The `regex` module reads these
+# properties, and Default_Ignorable_Code_Point, from the Unicode database;
+# the standard library has no Default_Ignorable.
+_NAME = regex.compile(r"\p{L}[\p{L}\p{M}]*")
+# Code points that render as nothing (soft hyphen, zero-width characters,
+# variation selectors, the Hangul fillers): a name of them looks empty.
+_INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 
 
 def parse_username(raw: str) -> str:
@@ -30,16 +43,19 @@ def parse_username(raw: str) -> str:
         raise _username_problem("is empty")
     if len(name) > USERNAME_MAX_LENGTH:
         raise _username_problem(f"is longer than {USERNAME_MAX_LENGTH} characters")
-    if not name.isalpha():
-        raise _username_problem("contains a character that is not a letter")
+    if not _NAME.fullmatch(name):
+        raise _username_problem(
+            "must start with a letter and hold only letters and combining marks")
+    if _INVISIBLE.search(name):
+        raise _username_problem("contains a character that renders as nothing")
     return name
 
 
 def _username_problem(reason: str) -> Problem:
-    return bad_request(
+    return Problem(
         "invalid-username",
-        f"The username {reason}; use 1 to {USERNAME_MAX_LENGTH} letters (Unicode letters "
-        "allowed, no digits, spaces or punctuation).",
+        f"The username {reason}; use 1 to {USERNAME_MAX_LENGTH} letters as names are written "
+        "in any script (no digits, spaces, punctuation or invisible characters).",
     )
 
 
@@ -62,13 +78,12 @@ def parse_timezone(values: list[str]) -> tzinfo:
     if not values:
         return timezone.utc
     if len(values) > 1:
-        raise bad_request(
-            "repeated-time-zone", "The tz parameter is given more than once; give it once."
-        )
+        raise Problem("repeated-time-zone",
+                      "The tz parameter is given more than once; give it once.")
     raw = values[0]
     if raw not in _known_zones():
         shown = raw if len(raw) <= 64 else raw[:64] + "..."
-        raise bad_request(
+        raise Problem(
             "unknown-time-zone",
             f"The tz parameter {shown!r} is not an IANA time zone name such as "
             "'Europe/Paris' or 'UTC'.",
@@ -84,7 +99,6 @@ def check_content_type(value: str | None) -> None:
     media_type = (value or "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise Problem(
-            415,
             "unsupported-media-type",
             "Send the body as JSON with the header 'Content-Type: application/json'.",
         )
@@ -92,7 +106,6 @@ def check_content_type(value: str | None) -> None:
 
 def body_too_large() -> Problem:
     return Problem(
-        413,
         "body-too-large",
         f"The request body is larger than {MAX_BODY_BYTES} bytes; send only "
         '{"dateOfBirth": "YYYY-MM-DD"}.',
@@ -126,33 +139,42 @@ def parse_date_of_birth(body: bytes, today: date) -> date:
         # Decoded here, strictly: json.loads(bytes) would guess UTF-16 or -32.
         document = _DECODER.decode(body.decode("utf-8"))
     except _DuplicateMember:
-        raise bad_request(
+        raise Problem(
             "invalid-json",
             "The request body names the same member twice; send each member once.",
         ) from None
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise bad_request(
+        raise Problem(
             "invalid-json",
             'The request body is not valid UTF-8 JSON; send {"dateOfBirth": "YYYY-MM-DD"}.',
         ) from None
     if not isinstance(document, dict):
-        raise bad_request(
+        raise Problem(
             "invalid-json",
             'The request body must be a JSON object such as {"dateOfBirth": "YYYY-MM-DD"}.',
         )
     if "dateOfBirth" not in document:
-        raise unprocessable('The body has no "dateOfBirth" member.')
+        raise _unprocessable('The body has no "dateOfBirth" member.')
     value = document["dateOfBirth"]
     if not isinstance(value, str):
-        raise unprocessable('"dateOfBirth" must be a string in YYYY-MM-DD form.')
+        raise _unprocessable('"dateOfBirth" must be a string in YYYY-MM-DD form.')
     if not _DATE_FORM.fullmatch(value):
-        raise unprocessable('"dateOfBirth" must be in YYYY-MM-DD form, e.g. "1990-04-23".')
+        raise _unprocessable('"dateOfBirth" must be in YYYY-MM-DD form, e.g. "1990-04-23".')
     try:
         parsed = date.fromisoformat(value)
     except ValueError:
-        raise unprocessable(f'"dateOfBirth" {value!r} is not a real calendar date.') from None
+        raise _unprocessable(f'"dateOfBirth" {value!r} is not a real calendar date.') from None
     if parsed >= today:
-        raise unprocessable(
+        raise _unprocessable(
             f'"dateOfBirth" must be before today ({today.isoformat()}); got {value!r}.'
         )
     return parsed
+
+
+def _unprocessable(detail: str) -> Problem:
+    return Problem("invalid-date-of-birth", detail)
+
+
+def is_whole_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() alone also takes '²' and '٣', which int() may refuse."""
+    return text.isascii() and text.isdigit()

@@ -1,4 +1,4 @@
-"""Every row of the HTTP contract (../shared/API.md), on PostgreSQL and on SQLite."""
+"""Every row of the HTTP contract (docs/api.md), on PostgreSQL and on SQLite."""
 
 from __future__ import annotations
 

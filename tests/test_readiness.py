@@ -1,4 +1,4 @@
-"""Readiness as ../shared/API.md defines it: the rules, then each on PostgreSQL."""
+"""Readiness as docs/api.md defines it: the rules, then each on PostgreSQL."""
 
 from __future__ import annotations
 
