@@ -295,3 +295,21 @@ def test_an_unexpected_failure_is_a_problem_500_without_internals(sqlite_url):
     body = assert_problem(response, 500, "internal-error")
     assert "exploded" not in response.text and "RuntimeError" not in response.text
     assert body["detail"]
+
+
+@pytest.mark.parametrize("name", ["नमस्ते", "தமிழ்", "مُحَمَّد"])
+def test_names_with_vowel_signs_viramas_and_harakat_are_stored_and_greeted(client, name):
+    from urllib.parse import quote
+
+    path = "/hello/" + quote(name)
+    assert client.put(path, json={"dateOfBirth": "1990-06-16"}).status_code == 204
+    assert client.get(path).json() == {"message": f"Hello, {name}! Your birthday is in 1 day(s)"}
+    assert client.delete(path).status_code == 204
+
+
+@pytest.mark.parametrize("name", ["\u3164", "\u1160", "a\u200bb", "\u0301a"])
+def test_invisible_names_and_names_that_start_with_a_mark_are_400(client, name):
+    from urllib.parse import quote
+
+    response = client.put("/hello/" + quote(name), json={"dateOfBirth": "1990-06-16"})
+    assert_problem(response, 400, "invalid-username")

@@ -239,3 +239,67 @@ def test_a_cancel_from_outside_stays_a_cancel_while_reading_a_body():
             await task
 
     asyncio.run(scenario())
+
+
+# --- what a client controls, in-process (the server's own bounds: tests/test_hostile.py) --
+
+def test_more_header_lines_than_the_bound_is_431_under_any_server(client):
+    """The server refuses such a head before parsing it; behind another server
+    the application does."""
+    from app.limits import MAX_HEADER_LINES
+
+    headers = [(f"x-{number}", "v") for number in range(MAX_HEADER_LINES + 1)]
+    response = client.get("/healthz", headers=headers)
+    assert_problem(response, 431, "headers-too-large")
+
+
+def test_x_forwarded_for_on_several_lines_is_one_list(sqlite_url, clock, log_stream):  # noqa: F811,E501
+    """RFC 9110, 5.3: the platform's entry is the last of all the lines, not of the first."""
+    settings = make_settings(sqlite_url, log_format="json", forwarded_hops=1)
+    configure_logging(settings, log_stream)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        client.get("/healthz", headers=[("x-forwarded-for", "6.6.6.6"),
+                                        ("x-forwarded-for", "198.51.100.7")])
+        client.get("/healthz", headers={"x-forwarded-for": "6.6.6.6, not-an-address"})
+    first, second = [line["httpRequest"]["remoteIp"] for line in lines(log_stream)
+                     if "httpRequest" in line]
+    assert first == "198.51.100.7"
+    assert second == "testclient"  # not an address: the TCP peer is logged
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_client_byte_starts_a_log_line(sqlite_url, clock, log_format):
+    """A username with %0A used to write a forged line in LOG_FORMAT=text."""
+    import io
+
+    stream = io.StringIO()
+    settings = make_settings(sqlite_url, log_format=log_format)
+    configure_logging(settings, stream)
+    forged = "fake 200 0.1ms\r\nERROR app: forged"
+    with TestClient(create_app(settings, clock=clock)) as client:
+        stream.truncate(0), stream.seek(0)
+        client.get("/hello/a%C2%85%0A" + forged.replace("\r\n", "%0D%0A").replace(" ", "%20"),
+                   headers={"user-agent": "ua\x0bx\x7fy"})
+    written = [line for line in stream.getvalue().splitlines() if "app.access" in line]
+    assert len(written) == 1
+    assert not any(line.startswith(("fake", "ERROR app")) for line in stream.getvalue().splitlines())
+    message = json.loads(written[0])["message"] if log_format == "json" else written[0]
+    assert "/hello/a\\u0085\\u000afake" in message
+    if log_format == "json":
+        agent = json.loads(written[0])["httpRequest"]["userAgent"]
+        assert agent == "ua\\u000bx\\u007fy"
+
+
+def test_a_long_user_agent_is_cut_in_the_log(sqlite_url, clock, log_stream):  # noqa: F811
+    from app.limits import MAX_LOGGED_USER_AGENT
+
+    settings = make_settings(sqlite_url, log_format="json")
+    configure_logging(settings, log_stream)
+    with TestClient(create_app(settings, clock=clock)) as client:
+        log_stream.truncate(0), log_stream.seek(0)
+        client.get("/healthz", headers={"user-agent": "u" * 60_000})
+    (line,) = [entry for entry in lines(log_stream) if "httpRequest" in entry]
+    agent = line["httpRequest"]["userAgent"]
+    assert agent.startswith("u" * MAX_LOGGED_USER_AGENT) and agent.endswith("(60000 characters)")
+    assert len(log_stream.getvalue()) < 2000

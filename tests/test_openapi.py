@@ -24,7 +24,7 @@ def test_document_is_valid_openapi_3_1():
 def test_the_documents_limits_are_the_codes():
     from app import __version__
     from app.domain import USERNAME_MAX_LENGTH
-    from app.validation import MAX_BODY_BYTES
+    from app.limits import MAX_BODY_BYTES
 
     assert DOCUMENT["info"]["version"] == __version__
     (username,) = [p for p in DOCUMENT["paths"]["/hello/{username}"]["parameters"]
@@ -33,6 +33,26 @@ def test_the_documents_limits_are_the_codes():
     assert f"1 to {USERNAME_MAX_LENGTH} " in username["description"]
     too_large = DOCUMENT["paths"]["/hello/{username}"]["put"]["responses"]["413"]
     assert str(MAX_BODY_BYTES) in too_large["description"]
+
+
+def test_every_problem_type_is_in_the_code_the_api_doc_and_the_schema_alike():
+    """app.errors.PROBLEM_TYPES, docs/api.md's Errors table and the schema's enum."""
+    import re
+    from pathlib import Path
+
+    from app.errors import PROBLEM_TYPE_PREFIX, PROBLEM_TYPES
+
+    code = {slug: kind.status for slug, kind in PROBLEM_TYPES.items()}
+    api_md = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    documented = {slug: int(status) for status, slug
+                  in re.findall(r"^\| (\d{3}) \| `([a-z-]+)` \|", api_md, re.MULTILINE)}
+    schema = DOCUMENT["components"]["schemas"]["Problem"]["properties"]["type"]["enum"]
+    assert documented == code
+    assert schema == [PROBLEM_TYPE_PREFIX + slug for slug in code]
+    # Each status is a documented response of some operation.
+    statuses = {status for item in DOCUMENT["paths"].values() for method, operation
+                in item.items() if method != "parameters" for status in operation["responses"]}
+    assert {str(status) for status in code.values()} <= statuses
 
 
 def check_against_document(method: str, template: str, response) -> None:

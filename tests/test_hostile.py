@@ -1,0 +1,220 @@
+"""What a client controls (docs/api.md): bounded headers, a deadline on the request
+head, idle connections closed, slow bodies that take no place, malformed
+headers ignored. Each against the real server, python -m app."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import subprocess
+import sys
+import time
+
+import httpx2 as httpx
+import pytest
+
+from app.limits import HEAD_TIMEOUT_SECONDS, MAX_HEAD_BYTES, MAX_HEADER_LINES
+from tests.live_server import LiveServer
+
+pytestmark = pytest.mark.slow
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def read_reply(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Whatever the server sends before it closes (b"" for a bare close)."""
+    sock.settimeout(timeout)
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return reply
+
+
+def closed_after(sock: socket.socket, limit: float) -> float:
+    """Seconds until the server closes ``sock`` (recv returns b"" or resets)."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(4096):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return float("inf")
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tests.conftest import migrate
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('hostile') / 'h.sqlite3'}"
+    migrate(url)
+    with LiveServer(url, KEEP_ALIVE_SECONDS="2", BODY_READ_TIMEOUT="2") as live:
+        yield live
+
+
+def flood(live: LiveServer, megabytes: int) -> bytes:
+    """One connection sending a request head of ``megabytes`` of header lines."""
+    line = b"X-Flood: " + b"a" * 1000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(megabytes * 1024):
+                sock.sendall(line)
+        except OSError:  # the server closed the connection: that is an answer
+            pass
+        return read_reply(sock)
+
+
+def test_a_header_flood_gets_431_or_a_close_and_never_the_memory(server):
+    """Four 16 MB request heads at once: before the bound they took the
+    process from 69 MB to 1 GB and were answered 200."""
+    assert server.process is not None
+    before = peak_rss_mib(server.process.pid)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: flood(server, 16), range(4)))
+    grown = peak_rss_mib(server.process.pid) - before
+    print(f"peak RSS {before:.1f} MiB before, grew by {grown:.1f} MiB under 4 x 16 MB of headers")
+    for reply in replies:
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    assert any(reply.startswith(b"HTTP/1.1 431") for reply in replies)
+    assert grown < 20
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("lines, size, status", [
+    (MAX_HEADER_LINES - 1, 20, 200),     # with Host: exactly the bound
+    (MAX_HEADER_LINES, 20, 431),
+    (10, MAX_HEAD_BYTES // 10 - 200, 200),
+    (10, MAX_HEAD_BYTES // 10 + 10, 431),
+])
+def test_the_head_bound_is_64_kib_or_100_header_lines(server, lines, size, status):
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (number, b"v" * size) for number in range(lines)) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 %d" % status), reply[:200]
+    if status == 431:
+        assert b"application/problem+json" in reply and b"headers-too-large" in reply
+
+
+def test_a_head_that_trickles_in_is_cut_at_the_deadline(server):
+    """A header line every 2 s (a slowloris) kept a connection for 36 s and more."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        sock.settimeout(2)
+        while time.monotonic() - started < 30:
+            try:  # a line every 2 s, unless the server closes meanwhile
+                if not sock.recv(4096):
+                    break
+            except TimeoutError:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except ConnectionResetError:
+                break
+        elapsed = time.monotonic() - started
+    print(f"trickled head closed after {elapsed:.1f} s")
+    assert HEAD_TIMEOUT_SECONDS - 0.5 <= elapsed <= HEAD_TIMEOUT_SECONDS + 2.5
+
+
+def test_a_silent_new_connection_is_closed_after_the_keep_alive_time(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        elapsed = closed_after(sock, 30)
+    print(f"silent connection closed after {elapsed:.1f} s")
+    assert 1.5 <= elapsed <= 4  # KEEP_ALIVE_SECONDS=2
+
+
+def test_idle_sockets_cannot_starve_the_server_of_descriptors(tmp_path):
+    """600 idle sockets against a 512-descriptor limit made /healthz fail."""
+    from tests.conftest import migrate
+
+    url = f"sqlite:///{tmp_path / 'fd.sqlite3'}"
+    migrate(url)
+    live = LiveServer(url, KEEP_ALIVE_SECONDS="1")
+    live.start = lambda timeout=30: _start_with_nofile(live, 512, timeout)  # type: ignore
+    with live:
+        sockets = [socket.create_connection(("127.0.0.1", live.port), timeout=5)
+                   for _ in range(600)]
+        try:
+            time.sleep(3.5)  # each idle one is closed after 1 s: the backlog drains
+            answer = httpx.get(live.url + "/healthz", timeout=5).status_code
+        finally:
+            for sock in sockets:
+                sock.close()
+    assert answer == 200
+
+
+def _start_with_nofile(live: LiveServer, limit: int, timeout: float) -> LiveServer:
+    """LiveServer.start, under RLIMIT_NOFILE ``limit`` (prlimit)."""
+    import threading
+
+    from tests.live_server import NotReady, wait_ready
+
+    live.process = subprocess.Popen(
+        ["prlimit", f"--nofile={limit}", sys.executable, "-m", "app"], cwd=live.cwd,
+        env=live.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    live._reader = threading.Thread(target=live._read_output, daemon=True)
+    live._reader.start()
+    try:
+        wait_ready(live.url, timeout, lambda: live.process.poll() is None)
+    except NotReady as error:
+        live.stop()
+        raise RuntimeError(f"{error}: {live.output}") from None
+    return live
+
+
+def test_slow_bodies_take_no_place_from_other_requests(server):
+    """100 PUT heads with one body byte each used to turn every other request
+    into 503 overloaded until the body deadline."""
+    sockets = []
+    try:
+        for number in range(100):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"PUT /hello/Slow HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 30\r\n\r\n{")
+            sockets.append(sock)
+        time.sleep(0.3)
+        answers = [httpx.get(server.url + "/hello/Nobody", timeout=5).status_code
+                   for _ in range(20)]
+        timed_out = [read_reply(sock, 10)[:12] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert answers == [404] * 20  # served, not refused as overloaded
+    assert timed_out == [b"HTTP/1.1 408"] * 100  # each slow body still meets its deadline
+
+
+@pytest.mark.parametrize("value", ["4bf92f3577b34da6a3ce929d0e0e4736/²",
+                                   "4bf92f3577b34da6a3ce929d0e0e4736/¹;o=1",
+                                   "4bf92f3577b34da6a3ce929d0e0e4736/٣"])
+def test_a_malformed_trace_header_is_ignored_not_a_500(server, value):
+    before = len(server.output.splitlines())
+    response = httpx.get(server.url + "/hello/Nobody",
+                         headers={"x-cloud-trace-context": value.encode()})
+    assert response.status_code == 404
+    assert "traceId" in response.json()  # the trace id parsed; only the span is dropped
+    time.sleep(0.2)
+    new = server.output.splitlines()[before:]
+    assert any('"requestUrl":"/hello/Nobody"' in line for line in new)
+    assert not any('"severity":"ERROR"' in line for line in new)
+
+
+def test_a_content_length_with_trailing_space_is_read_as_its_number(server):
+    body = b'{"dateOfBirth": "1990-01-01"}'
+    request = (b"PUT /hello/Spacey HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d \r\n\r\n" % len(body)) + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 204")
+    assert httpx.get(server.url + "/hello/Spacey").status_code == 200
