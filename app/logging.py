@@ -27,7 +27,6 @@ from app.headers import header
 from app.limits import MAX_ECHOED_CHARS, MAX_HEADER_LINES, MAX_LOGGED_USER_AGENT
 from app.metrics import RequestMetrics
 from app.proxy import client_address
-from app.server import response_done
 from app.settings import Settings
 
 TRACE_KEY = "logging.googleapis.com/trace"
@@ -184,7 +183,6 @@ class AccessLogMiddleware:
             if self.metrics is not None:
                 self.metrics.observe(scope, status or 500, latency)
             tracing.current.reset(token)
-            response_done(scope.get("state", {}))
 
     def _log(self, scope: Scope, status: int, latency: float, error: Exception | None) -> None:
         # A 503 is the service working as designed while the database is away

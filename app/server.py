@@ -5,9 +5,10 @@ uvicorn bounds neither the size of a request head (its httptools protocol
 keeps every header line it is sent) nor the time a client takes to send it,
 and it never closes a new connection that sends nothing. ``BoundedProtocol``
 adds those bounds around uvicorn's own protocol, through the extension point
-uvicorn offers for it (``Config(http=<asyncio.Protocol class>)``): it sees
-every byte before uvicorn's parser does, and refuses a head over
-MAX_HEAD_BYTES or MAX_HEADER_LINES with 431 before the parser holds it.
+uvicorn offers for it (``Config(http=<asyncio.Protocol class>)``), using only
+the asyncio.Protocol interface of the protocol it wraps: it sees every byte
+before uvicorn's parser does, and refuses a head over MAX_HEAD_BYTES or
+MAX_HEADER_LINES with 431 before the parser holds it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ logger = logging.getLogger("app.server")
 
 # In-flight requests get this long after draining before connections are cut.
 GRACEFUL_SHUTDOWN_TIMEOUT = 10
-# The key under which a request's scope["state"] names its connection.
-CONNECTION = "app.server.connection"
 
 
 def _refusal() -> bytes:
@@ -53,12 +52,12 @@ class BoundedProtocol(asyncio.Protocol):
       after the connection opened, for the first request): closed.
     - A new connection that sends nothing for the keep-alive time: closed
       (uvicorn closes idle connections only after a response).
-    - Past a head, a request may bring its body and the head of a pipelined
-      request, nothing more, before its response is complete: else closed.
 
-    The end of a head is found here by its blank line; the end of a response
-    is reported by the application (``response_done``, called by the access
-    log middleware through the request's scope["state"]).
+    It follows the framing of each request just far enough to know where the
+    next head starts: a head ends at its blank line; a body is Content-Length
+    bytes long, or, chunked, ends at its last chunk. A chunked body that does
+    not end within MAX_BODY_BYTES + MAX_HEAD_BYTES closes the connection (the
+    service takes no body over MAX_BODY_BYTES anyway).
     """
 
     inner_class: type[asyncio.Protocol] = HttpToolsProtocol
@@ -66,18 +65,21 @@ class BoundedProtocol(asyncio.Protocol):
     def __init__(self, **kwargs: Any) -> None:
         config: uvicorn.Config = kwargs["config"]
         self.keep_alive = float(config.timeout_keep_alive)
-        # The lifespan state is complete once connections are accepted; each
-        # request's scope["state"] is a copy of this one.
-        kwargs["app_state"] = {**kwargs["app_state"], CONNECTION: self}
         self.inner = self.inner_class(**kwargs)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None
-        self.in_head = True
+        self.opened = 0.0
+        self._next_head()
+
+    def _next_head(self) -> None:
+        self.head: list[bytes] = []
         self.head_bytes = 0
         self.head_lines = 0
-        self.tail = b""  # the last bytes of the head so far: its end may span two reads
-        self.after_head = 0
+        self.tail = b""  # the last bytes seen: an end marker may span two reads
+        self.body_left = 0  # bytes of a Content-Length body still to come
+        self.chunked = False
+        self.chunked_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -86,38 +88,77 @@ class BoundedProtocol(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self.in_head:
-            self.after_head += len(data)
-            if self.after_head > MAX_BODY_BYTES + MAX_HEAD_BYTES:
-                self._close()
-                return
-        else:
-            if not self.head_bytes:  # the first byte of a head starts its deadline
-                started = self.opened if self.opened else time.monotonic()
-                self.opened = 0.0
-                self._arm(started + HEAD_TIMEOUT_SECONDS - time.monotonic())
-            seen = self.tail + data
-            end = _head_end(seen)
-            head = data if end < 0 else data[:max(0, end - len(self.tail))]
-            self.head_bytes += len(head)
-            self.head_lines += head.count(b"\n")
-            # The request line and the blank line are not header lines.
-            if self.head_bytes > MAX_HEAD_BYTES or self.head_lines > MAX_HEADER_LINES + 2:
-                self._refuse()
-                return
-            if end < 0:
-                self.tail = seen[-3:]
-            else:
-                self._disarm()
-                self.in_head = False
-                self.after_head = len(data) - len(head)
-        self.inner.data_received(data)
+        if self._follow(data):
+            self.inner.data_received(data)
 
-    def response_done(self) -> None:
-        """The application has answered the request; the next bytes are a new head."""
-        self.in_head = True
-        self.head_bytes = self.head_lines = self.after_head = 0
-        self.tail = b""
+    def _follow(self, data: bytes) -> bool:
+        """Walk ``data`` through heads and bodies; False when the connection was refused."""
+        offset = 0
+        while offset < len(data):
+            if self.body_left:
+                taken = min(self.body_left, len(data) - offset)
+                self.body_left -= taken
+                offset += taken
+                if not self.body_left:
+                    self._next_head()
+            elif self.chunked:
+                end = self._last_chunk(data, offset)
+                if end is None:
+                    return False
+                offset = end
+            else:
+                end = self._head(data, offset)
+                if end is None:
+                    return False
+                offset = end
+        return True
+
+    def _last_chunk(self, data: bytes, offset: int) -> int | None:
+        """Where the chunked body ends in ``data``, else len(data); None once it ran too long."""
+        seen = self.tail + data[offset:]
+        start = 0
+        while (end := seen.find(b"0\r\n\r\n", start)) >= 0:
+            # The last chunk, without trailers: its size line starts a line.
+            if seen[end - 2:end] == b"\r\n" if end >= 2 else (end == 0 and not self.chunked_bytes):
+                self._next_head()
+                return offset + end + 5 - len(self.tail)
+            start = end + 1
+        self.chunked_bytes += len(data) - offset
+        if self.chunked_bytes > MAX_BODY_BYTES + MAX_HEAD_BYTES:
+            self._close()
+            return None
+        self.tail = seen[-6:]
+        return len(data)
+
+    def _head(self, data: bytes, offset: int) -> int | None:
+        """Take the head bytes of ``data[offset:]``: where the head ends in ``data``,
+        else len(data); None when they pass the bound."""
+        if not self.head_bytes:  # the first byte of a head starts its deadline
+            started = self.opened or time.monotonic()
+            self.opened = 0.0
+            self._arm(started + HEAD_TIMEOUT_SECONDS - time.monotonic())
+        seen = self.tail + data[offset:]
+        end = _head_end(seen)
+        part = data[offset:] if end < 0 else data[offset:offset + max(0, end - len(self.tail))]
+        self.head.append(part)
+        self.head_bytes += len(part)
+        self.head_lines += part.count(b"\n")
+        # The request line, and the blank line once there, are not header lines.
+        header_lines = self.head_lines - (1 if end < 0 else 2)
+        if self.head_bytes > MAX_HEAD_BYTES or header_lines > MAX_HEADER_LINES:
+            self._refuse()
+            return None
+        if end < 0:
+            self.tail = seen[-3:]
+            return len(data)
+        self._disarm()
+        head = b"".join(self.head).lower()
+        self._next_head()
+        if b"\ntransfer-encoding:" in head and b"chunked" in head:
+            self.chunked = True
+        else:
+            self.body_left = _content_length(head)
+        return offset + len(part)
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
@@ -160,11 +201,14 @@ def _head_end(data: bytes) -> int:
     return min(ends) if ends else -1
 
 
-def response_done(scope_state: dict[str, Any]) -> None:
-    """Tell the request's connection, when a BoundedProtocol serves it, that it was answered."""
-    connection = scope_state.get(CONNECTION)
-    if connection is not None:
-        connection.response_done()
+def _content_length(head: bytes) -> int:
+    """The body length a (lower-cased) head declares; 0 when none or unreadable
+    (the parser then refuses the request itself)."""
+    start = head.find(b"\ncontent-length:")
+    if start < 0:
+        return 0
+    value = head[start + 16:head.find(b"\n", start + 1)].strip()
+    return int(value) if value.isdigit() else 0
 
 
 def uvicorn_config(app: Any, host: str, port: int, keep_alive: float,

@@ -2,8 +2,8 @@
 
 One Starlette route per operation, the same single query the service runs,
 prepared, through a psycopg async pool. No validation, no logging, no ORM,
-no middleware. `python -m benchmarks.baseline` serves it like `python -m app`
-(uvicorn, uvloop, httptools, one worker).
+no middleware. `python -m benchmarks.baseline` serves it with the server
+settings of `python -m app` (app.server.uvicorn_config, one worker).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 
 import uvicorn
+import uvloop
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.responses import Response
@@ -67,7 +68,9 @@ app = Starlette(routes=[Route("/hello/{username}", hello, methods=["GET", "PUT"]
                         Route("/readyz", readyz)], lifespan=lifespan)
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), loop="uvloop",
-                http="httptools", access_log=False, log_level="warning",
-                # as python -m app runs: no proxy-headers middleware, no Server header
-                proxy_headers=False, server_header=False)
+    from app.server import uvicorn_config
+
+    # As python -m app serves: the same protocol, bounds and uvicorn settings.
+    config = uvicorn_config(app, "127.0.0.1", int(os.environ["PORT"]), keep_alive=5,
+                            log_level="warning")
+    uvloop.run(uvicorn.Server(config).serve())

@@ -218,3 +218,60 @@ def test_a_content_length_with_trailing_space_is_read_as_its_number(server):
         sock.sendall(request)
         assert sock.recv(4096).startswith(b"HTTP/1.1 204")
     assert httpx.get(server.url + "/hello/Spacey").status_code == 200
+
+
+def responses(sock: socket.socket, count: int, timeout: float = 10) -> list[bytes]:
+    """The status lines of the next ``count`` responses on ``sock``."""
+    sock.settimeout(timeout)
+    buffer = b""
+    while buffer.count(b"HTTP/1.1 ") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buffer += chunk
+    return [b"HTTP/1.1 " + part[:3] for part in buffer.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_a_long_keep_alive_conversation_with_bodies_is_never_cut(server):
+    """The bounds follow each request's framing: 300 PUTs and GETs (about 70 kB
+    in all, over the per-request allowance) on one connection are all served."""
+    body = b'{"dateOfBirth": "1990-01-01", "padding": "' + b"p" * 150 + b'"}'
+    put = (b"PUT /hello/Keeper HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    get = b"GET /hello/Keeper HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        statuses = []
+        for _ in range(150):
+            sock.sendall(put)
+            statuses += responses(sock, 1)
+            sock.sendall(get)
+            statuses += responses(sock, 1)
+    assert statuses == [b"HTTP/1.1 204", b"HTTP/1.1 200"] * 150
+
+
+def test_pipelined_and_chunked_requests_are_followed_to_the_next_head(server):
+    body = b'{"dateOfBirth": "1990-01-01"}'
+    chunked = (b"PUT /hello/Chunky HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 10 + body[:10] + b"\r\n"
+               + b"%x\r\n" % (len(body) - 10) + body[10:] + b"\r\n0\r\n\r\n")
+    get = b"GET /hello/Chunky HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(chunked + get + get)  # three requests in one packet
+        assert responses(sock, 3) == [b"HTTP/1.1 204", b"HTTP/1.1 200", b"HTTP/1.1 200"]
+        for piece in (chunked[:50], chunked[50:-3], chunked[-3:] + get[:5], get[5:]):
+            sock.sendall(piece)  # the same, split anywhere
+            time.sleep(0.05)
+        assert responses(sock, 2) == [b"HTTP/1.1 204", b"HTTP/1.1 200"]
+
+
+def test_a_head_split_across_reads_is_still_bounded_and_answered(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for piece in (b"GET /healthz HTTP/1.1\r\nHo", b"st: x\r", b"\n\r", b"\n"):
+            sock.sendall(piece)
+            time.sleep(0.05)
+        assert responses(sock, 1) == [b"HTTP/1.1 200"]
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(MAX_HEADER_LINES + 1):  # one line a read, no blank line yet
+            sock.sendall(b"X-Many: 1\r\n")
+            time.sleep(0.001)
+        assert read_reply(sock).startswith(b"HTTP/1.1 431")

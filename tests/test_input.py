@@ -283,7 +283,8 @@ def test_no_client_byte_starts_a_log_line(sqlite_url, clock, log_format):
                    headers={"user-agent": "ua\x0bx\x7fy"})
     written = [line for line in stream.getvalue().splitlines() if "app.access" in line]
     assert len(written) == 1
-    assert not any(line.startswith(("fake", "ERROR app")) for line in stream.getvalue().splitlines())
+    assert not any(line.startswith(("fake", "ERROR app"))
+                   for line in stream.getvalue().splitlines())
     message = json.loads(written[0])["message"] if log_format == "json" else written[0]
     assert "/hello/a\\u0085\\u000afake" in message
     if log_format == "json":
