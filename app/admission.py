@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 
 from app.errors import Problem
 
@@ -17,7 +16,7 @@ class Admission:
     bounds that wait on its own). Queueing without bound only turns overload
     into timeouts for everyone: a quick 503 with Retry-After lets the load
     balancer or client go elsewhere. ``limit`` 0 admits everyone, and still
-    counts.
+    counts. ``async with admission:`` holds one place.
     """
 
     def __init__(self, limit: int) -> None:
@@ -25,8 +24,7 @@ class Admission:
         self.in_flight = 0
         self.rejected = 0
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def __aenter__(self) -> None:
         if self.limit and self.in_flight >= self.limit:
             self.rejected += 1
             raise Problem(
@@ -35,7 +33,7 @@ class Admission:
                 "of seconds in Retry-After.",
             )
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        self.in_flight -= 1

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from datetime import date
 
+from app.admission import Admission
 from app.database import DatabaseStats
 from app.logging import configure_logging
 from app.main import create_app, utc_now
@@ -56,7 +57,7 @@ def drive(method: str, requests: int) -> None:
                         metrics_port=9090)
     configure_logging(settings, open(os.devnull, "w"))
     app = create_app(settings, database=MemoryDatabase())
-    state = {"database": MemoryDatabase(), "clock": utc_now, "readiness": None,
+    state = {"database": MemoryDatabase(), "clock": utc_now, "admission": Admission(100),
              "body_read_timeout": 5.0}
     body = b'{"dateOfBirth":"1990-04-23"}'
     headers = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk")]
