@@ -12,7 +12,7 @@ How the cost stays off the request path:
   from its own thread. The pool's, readiness's and the database's counts are
   read the same way, when scraped.
 - prometheus-client is imported by that thread once the server is up: its
-  import (~23 ms, http.server and wsgiref) stays out of a scale-from-zero
+  import (http.server and wsgiref; docs/performance.md) stays out of a scale-from-zero
   start. A metrics port that cannot be bound is logged as an error, and the
   service goes on serving: Prometheus's `up` series shows the missing target.
 
