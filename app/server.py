@@ -214,12 +214,12 @@ def _content_length(head: bytes) -> int:
 def uvicorn_config(app: Any, host: str, port: int, keep_alive: float,
                    **options: Any) -> uvicorn.Config:
     """The server settings of ``python -m app``; the bench's baseline runs the same."""
+    options = {"http": BoundedProtocol, **options}
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=BoundedProtocol,
         ws="none",
         # X-Forwarded-For is read by app.proxy, which trusts only the
         # platform's own hops (FORWARDED_HOPS); uvicorn's "*" trusted the

@@ -70,7 +70,10 @@ app = Starlette(routes=[Route("/hello/{username}", hello, methods=["GET", "PUT"]
 if __name__ == "__main__":
     from app.server import uvicorn_config
 
-    # As python -m app serves: the same protocol, bounds and uvicorn settings.
+    # As python -m app serves: the same protocol, bounds and uvicorn settings;
+    # BENCH_UNBOUNDED=1 serves on uvicorn's bare httptools protocol instead, to
+    # measure what the bounds cost (nox -s bench -- --bounds-cost).
+    options = {"http": "httptools"} if os.environ.get("BENCH_UNBOUNDED") else {}
     config = uvicorn_config(app, "127.0.0.1", int(os.environ["PORT"]), keep_alive=5,
-                            log_level="warning")
+                            log_level="warning", **options)
     uvloop.run(uvicorn.Server(config).serve())

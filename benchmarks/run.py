@@ -14,7 +14,9 @@ medians are compared:
 
 With --interpreters, the app runs once per interpreter given (each with the
 locked dependencies installed), side by side in the same rounds, to choose
-the image's Python by measurement. Exit status 1 when a target is missed.
+the image's Python by measurement; with --bounds-cost, the baseline runs with
+and without app.server's bounds, to say what they cost. Exit status 1 when a
+target is missed.
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--bounds-cost", action="store_true",
+                        help="the baseline with and without app.server's bounds, instead")
     parser.add_argument("--interpreters", nargs="+", metavar="PYTHON",
                         help="run the app under each of these interpreters instead of the "
                              "baseline: which Python serves it best")
@@ -250,6 +254,10 @@ def main() -> int:
         if args.interpreters:
             servers = [Server(f"py{python_version(python)}", "app", database_url,
                               args.pool_size, python) for python in args.interpreters]
+        elif args.bounds_cost:
+            servers = [Server("bounded", "benchmarks.baseline", database_url, args.pool_size),
+                       Server("unbounded", "benchmarks.baseline", database_url, args.pool_size)]
+            servers[1].env["BENCH_UNBOUNDED"] = "1"
         else:
             print(f"Python {python_version(sys.executable)}")
             servers = [Server("app", "app", database_url, args.pool_size),
@@ -257,8 +265,8 @@ def main() -> int:
         starts, rss, results = measure(servers, args)
     finally:
         drop_database(args.database_url, database_name)
-    if args.interpreters:
-        return compare_interpreters(servers, starts, rss, results)
+    if args.interpreters or args.bounds_cost:
+        return compare_servers(servers, starts, rss, results)
     return judge(starts, rss, results)
 
 
@@ -346,11 +354,11 @@ def judge(starts: dict[str, list[float]], rss: dict[str, list[float]],
     return 0
 
 
-def compare_interpreters(servers: list[Server], starts: dict[str, list[float]],
-                         rss: dict[str, list[float]],
-                         results: dict[tuple[str, str], list[dict]]) -> int:
+def compare_servers(servers: list[Server], starts: dict[str, list[float]],
+                    rss: dict[str, list[float]],
+                    results: dict[tuple[str, str], list[dict]]) -> int:
     first = servers[0].label
-    print(f"\nmedians, and each interpreter against {first}")
+    print(f"\nmedians, and each against {first}")
     for server in servers:
         cells = []
         for method in ("GET", "PUT"):
