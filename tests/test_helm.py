@@ -626,3 +626,216 @@ def test_monitoring_is_off_by_default_and_metrics_port_zero_removes_it_all(docs)
 def test_the_metrics_port_cannot_be_the_apis():
     result = template("--set", "metrics.port=8080")
     assert result.returncode != 0 and "metrics" in result.stderr
+
+
+# --- ports inside a pod --------------------------------------------------------------------
+
+# Every value set the helm session renders, the monitoring switches too, and the proxy's
+# private-IP option.
+PORT_RULE_SETS = {**VALUE_SETS,
+                  "monitoring": [*VALUE_SETS["production"], *MONITORING],
+                  "public-ip": [*VALUE_SETS["production"],
+                                "--set", "cloudSqlProxy.privateIp=false"],
+                  "default-with-proxy": ["--set", "cloudSqlProxy.enabled=true", "--set",
+                                         "cloudSqlProxy.instanceConnectionName=p:europe-west1:i"]}
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    found = []
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "Job"):
+            found.append((f"{doc['kind']} {doc['metadata']['name']}",
+                          doc["spec"]["template"]["spec"]))
+        elif doc["kind"] == "Pod":
+            found.append((f"Pod {doc['metadata']['name']}", doc["spec"]))
+    return found
+
+
+def port_context(docs: list[dict]) -> tuple[str, dict[str, dict]]:
+    config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    return app_container(docs)["image"], config_maps
+
+
+@pytest.mark.parametrize("value_set", list(PORT_RULE_SETS))
+def test_no_two_containers_of_a_pod_listen_on_one_port(value_set):
+    from tests import pod_ports
+
+    docs = render(*PORT_RULE_SETS[value_set])
+    app_image, config_maps = port_context(docs)
+    pods = pod_specs(docs)
+    assert {name.split()[0] for name, _ in pods} >= {"Deployment", "Pod"}
+    for name, spec in pods:
+        assert pod_ports.collisions(spec, app_image, config_maps) == [], name
+        # A declared port is where the probe or the scraper goes: someone must be there.
+        assert pod_ports.undeclared(spec, app_image, config_maps) == [], name
+
+
+def test_the_port_rule_sees_the_proxys_default_health_port():
+    """The defect of issue 21: the proxy's health server without --http-port takes 9090,
+    the app's metrics port. The rule finds it from the proxy's defaults, from its
+    environment, and from a second listener of the proxy's own."""
+    from tests import pod_ports
+
+    docs = render(*VALUE_SETS["production"])
+    app_image, config_maps = port_context(docs)
+    spec = find(docs, "Deployment")["spec"]["template"]["spec"]
+    (proxy,) = spec["initContainers"]
+    assert pod_ports.collisions(spec, app_image, config_maps) == []
+
+    proxy["args"] = [a for a in proxy["args"] if not a.startswith("--http-port")]
+    assert pod_ports.collisions(spec, app_image, config_maps) == [
+        "port 9090: cloud-sql-proxy (http on 0.0.0.0), app (metrics on 0.0.0.0)"]
+    proxy["env"] = [{"name": "CSQL_PROXY_HTTP_PORT", "value": "9801"}]
+    assert pod_ports.collisions(spec, app_image, config_maps) == []  # the environment moves it
+    proxy["args"].insert(0, "--quitquitquit")
+    proxy["env"].append({"name": "CSQL_PROXY_ADMIN_PORT", "value": "8080"})
+    assert pod_ports.collisions(spec, app_image, config_maps) == [
+        "port 8080: cloud-sql-proxy (admin on localhost), app (http on 0.0.0.0)"]
+
+
+def test_an_unmodelled_container_fails_the_port_rule():
+    from tests import pod_ports
+
+    docs = render(*VALUE_SETS["production"])
+    app_image, config_maps = port_context(docs)
+    spec = find(docs, "Deployment")["spec"]["template"]["spec"]
+    spec["containers"].append({"name": "exporter", "image": "example.com/exporter:1"})
+    with pytest.raises(pod_ports.UnknownContainer, match="exporter"):
+        pod_ports.collisions(spec, app_image, config_maps)
+
+
+@pytest.mark.parametrize("port", [8080, 9090, 5432])
+def test_the_proxys_health_port_cannot_be_one_the_pod_uses(port):
+    result = template(*VALUE_SETS["production"], "--set", f"cloudSqlProxy.httpPort={port}")
+    assert result.returncode != 0 and "cloudSqlProxy.httpPort" in result.stderr
+
+
+def test_the_proxy_is_probed_where_it_listens(production):
+    from tests import cloud_sql_proxy
+
+    for kind, suffix in (("Deployment", ""), ("Job", "-migrate")):
+        spec = find(production, kind, suffix)["spec"]["template"]["spec"]
+        proxy = next(c for c in spec["initContainers"] if c["name"] == "cloud-sql-proxy")
+        http = [found for found in cloud_sql_proxy.listeners(proxy["args"])
+                if found.purpose == "http"]
+        # The kubelet probes the pod's IP: the health server must not be on localhost only.
+        assert [(h.host, h.port) for h in http] == [("0.0.0.0", 9801)]
+        probe = proxy["startupProbe"]["httpGet"]
+        assert probe["path"] == "/startup"
+        assert port_of(proxy, probe["port"]) == 9801
+        # The app's DATABASE_URL reaches the proxy's database listener (docs/deploy-gke.md).
+        (database,) = [found for found in cloud_sql_proxy.listeners(proxy["args"])
+                       if found.purpose.startswith("instance ")]
+        assert (database.host, database.port) == ("127.0.0.1", 5432)
+        assert database.purpose == "instance my-project:europe-west1:hello-birthday"
+        assert "--private-ip" in proxy["args"]  # setup.sh's default instance: private IP only
+
+
+def port_of(container: dict, port: str | int) -> int:
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    return number
+
+
+def test_the_pod_monitoring_scrapes_the_apps_metrics_server(monitored):
+    """PodMonitoring's `port: metrics` is a port name, looked up among the pod's
+    containers: exactly one may declare it, and it must be the app's metrics server."""
+    from tests import pod_ports
+
+    app_image, config_maps = port_context(monitored)
+    spec = find(monitored, "Deployment")["spec"]["template"]["spec"]
+    (endpoint,) = find(monitored, "PodMonitoring")["spec"]["endpoints"]
+    declaring = [(c, p) for c in spec.get("initContainers", []) + spec["containers"]
+                 for p in c.get("ports", []) if p.get("name") == endpoint["port"]]
+    assert len(declaring) == 1
+    container, declared = declaring[0]
+    (served,) = [p for p in pod_ports.listeners(container, app_image, config_maps)
+                 if p.port == declared["containerPort"]]
+    assert (served.container, served.purpose) == ("app", "metrics")
+
+
+def test_the_proxy_image_is_the_modelled_release():
+    from tests import cloud_sql_proxy
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    repository, tag = values["cloudSqlProxy"]["image"].rsplit(":", 1)
+    assert repository == "gcr.io/cloud-sql-connectors/cloud-sql-proxy"
+    assert tag == cloud_sql_proxy.MODELLED_VERSION
+
+
+def test_the_proxy_model_reads_flags_and_environment_as_the_binary_does():
+    """tests/cloud_sql_proxy.py against the rules it names (cloud-sql-proxy v2.25.3)."""
+    from tests.cloud_sql_proxy import BadCommand, NotModelled, listeners
+
+    def where(args, env=None):
+        return [(found.purpose, found.host, found.port) for found in listeners(args, env)]
+
+    # No HTTP server unless --health-check or --prometheus asks for one; then 9090.
+    assert where(["--http-port=9801", "p:r:i"]) == [("instance p:r:i", "127.0.0.1", 5432)]
+    assert where(["--health-check", "p:r:i"])[1] == ("http", "localhost", 9090)
+    assert where(["--prometheus", "p:r:i"])[1] == ("http", "localhost", 9090)
+    # A flag beats its CSQL_PROXY_ variable; a variable beats the default.
+    env = {"CSQL_PROXY_HTTP_PORT": "9090", "CSQL_PROXY_HEALTH_CHECK": "true"}
+    assert where(["--http-port", "9801", "p:r:i"], env)[1] == ("http", "localhost", 9801)
+    assert where([], {**env, "CSQL_PROXY_INSTANCE_CONNECTION_NAME": "p:r:i"}) == [
+        ("instance p:r:i", "127.0.0.1", 5432), ("http", "localhost", 9090)]
+    # The admin server only with --debug or --quitquitquit, on localhost.
+    assert where(["-i", "--quitquitquit", "p:r:i"])[-1] == ("admin", "localhost", 9091)
+    # PostgreSQL ports count from 5432, --port from itself; ?port= and ?address= win.
+    assert where(["p:r:a", "p:r:b"]) == [("instance p:r:a", "127.0.0.1", 5432),
+                                         ("instance p:r:b", "127.0.0.1", 5433)]
+    assert where(["-p6000", "p:r:a?port=7000", "p:r:b", "p:r:c?address=0.0.0.0"]) == [
+        ("instance p:r:a", "127.0.0.1", 7000), ("instance p:r:b", "127.0.0.1", 6000),
+        ("instance p:r:c", "0.0.0.0", 6001)]
+    for refused in (["--no-such-flag", "p:r:i"], ["--port"], ["not-an-instance"], [],
+                    ["--address=localhost", "p:r:i"], ["--private-ip", "--psc", "p:r:i"]):
+        with pytest.raises(BadCommand):
+            listeners(refused)
+    for unmodelled in (["--unix-socket=/cloudsql", "p:r:i"], ["--config-file=x.toml"]):
+        with pytest.raises(NotModelled):
+            listeners(unmodelled)
+
+
+def test_the_proxy_stand_in_dies_when_its_port_is_taken_and_exits_on_sigterm(tmp_path):
+    """As the binary: a listener that cannot bind ends it (exit 1); SIGTERM exits 143,
+    or 0 with --exit-zero-on-sigterm."""
+    import signal
+    import socket
+    import time
+
+    from tests.live_server import free_port
+
+    stand_in = [sys.executable, str(ROOT / "tests" / "cloud_sql_proxy.py")]
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    try:
+        died = subprocess.run([*stand_in, f"--port={free_port()}", "--health-check",
+                               f"--http-port={busy}", "p:r:i"],
+                              capture_output=True, text=True, timeout=20)
+    finally:
+        taken.close()
+    assert died.returncode == 1
+    assert f"failed to start HTTP server: listen tcp localhost:{busy}" in died.stdout
+
+    for extra, code in (([], 143), (["--exit-zero-on-sigterm"], 0)):
+        http = free_port()
+        process = subprocess.Popen([*stand_in, f"--port={free_port()}", "--health-check",
+                                    f"--http-port={http}", *extra, "p:r:i"],
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", http), 1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the stand-in never listened"
+                    time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == code
+        finally:
+            process.kill()
+            process.wait()

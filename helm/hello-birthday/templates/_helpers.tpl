@@ -89,30 +89,45 @@ helm.sh/hook-delete-policy: before-hook-creation
       key: {{ .Values.database.existingSecretKey }}
 {{- end }}
 
-{{/* Cloud SQL Auth Proxy as a native sidecar (an init container that keeps running). */}}
+{{/* Cloud SQL Auth Proxy as a native sidecar (an init container that keeps running).
+It shares the pod's network with the app: its listeners are the database on
+127.0.0.1:5432 and the health server on cloudSqlProxy.httpPort (never its 9090
+default, the app's metrics port); tests/cloud_sql_proxy.py models them. */}}
 {{- define "hello-birthday.cloudSqlProxy" -}}
 {{- if .Values.cloudSqlProxy.enabled }}
+{{- $proxy := .Values.cloudSqlProxy }}
+{{- $httpPort := int $proxy.httpPort }}
+{{- $taken := list 8080 5432 }}
+{{- if .Values.metrics.port }}{{ $taken = append $taken (int .Values.metrics.port) }}{{ end }}
+{{- if has $httpPort $taken }}
+{{- fail (printf "cloudSqlProxy.httpPort (%d) is taken in the pod: the app listens on 8080 and metrics.port (%d), the proxy itself on 5432" $httpPort (int .Values.metrics.port)) }}
+{{- end }}
 - name: cloud-sql-proxy
-  image: {{ .Values.cloudSqlProxy.image }}
+  image: {{ $proxy.image }}
   restartPolicy: Always
   args:
     - --structured-logs
     - --port=5432
     - --health-check
     - --http-address=0.0.0.0
-    {{- if .Values.cloudSqlProxy.privateIp }}
+    - --http-port={{ $httpPort }}
+    {{- if $proxy.privateIp }}
     - --private-ip
     {{- end }}
-    - {{ required "cloudSqlProxy.instanceConnectionName is required" .Values.cloudSqlProxy.instanceConnectionName | quote }}
+    - {{ required "cloudSqlProxy.instanceConnectionName is required" $proxy.instanceConnectionName | quote }}
+  ports:
+    - name: proxy-health
+      containerPort: {{ $httpPort }}
+      protocol: TCP
   startupProbe:
     httpGet:
       path: /startup
-      port: 9090
+      port: proxy-health
     periodSeconds: 1
     failureThreshold: 60
   securityContext:
     {{- toYaml .Values.securityContext | nindent 4 }}
   resources:
-    {{- toYaml .Values.cloudSqlProxy.resources | nindent 4 }}
+    {{- toYaml $proxy.resources | nindent 4 }}
 {{- end }}
 {{- end }}
