@@ -764,6 +764,16 @@ def test_the_proxy_image_is_the_modelled_release():
     assert tag == cloud_sql_proxy.MODELLED_VERSION
 
 
+def test_the_ingress_uses_the_reserved_static_ip(production):
+    annotations = find(production, "Ingress")["metadata"]["annotations"]
+    # The name the board fixed; cloudrun/setup.sh reserves it (a global address:
+    # GKE's Ingress takes no regional one).
+    assert annotations["kubernetes.io/ingress.global-static-ip-name"] == "hello-birthday-ip"
+    ephemeral = find(render(*VALUE_SETS["production"], "--set",
+                            "googleLoadBalancer.staticIpName="), "Ingress")
+    assert "kubernetes.io/ingress.global-static-ip-name" not in ephemeral["metadata"]["annotations"]
+
+
 def test_the_proxy_model_reads_flags_and_environment_as_the_binary_does():
     """tests/cloud_sql_proxy.py against the rules it names (cloud-sql-proxy v2.25.3)."""
     from tests.cloud_sql_proxy import BadCommand, NotModelled, listeners
