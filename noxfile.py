@@ -340,9 +340,11 @@ def container(session: nox.Session) -> None:
 
 @nox.session(name="gke-local")
 def gke_local(session: nox.Session) -> None:
-    """The chart's migration Job pod and server pod, rendered with
-    helm/values/development.yaml and run with `podman kube play` against PostgreSQL
-    (tests/gke_local.py says what it checks; fails when podman cannot run)."""
+    """The chart's migration Job pod and server pod, rendered with the development and the
+    production values (every container: the Cloud SQL Auth Proxy sidecar as a stand-in that
+    listens where the real one would) and run with `podman kube play` against PostgreSQL
+    (tests/gke_local.py says what it checks; fails when podman cannot run).
+    `nox -s gke-local -- production` runs one of the two."""
     install_locked(session, MAIN_LOCK, DEV_LOCK, TOOLS_LOCK)
     helm_bin = ensure_helm(session)
     session.run("python", "-m", "tests.gke_local", *session.posargs,

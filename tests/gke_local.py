@@ -1,56 +1,90 @@
 """`nox -s gke-local`: the pods the chart renders, run with `podman kube play`.
 
-There is no Kubernetes API server here, but the pods of a release can run.
-The chart is rendered with helm/values/development.yaml, pointed at the local
-PostgreSQL and the image `nox -s container` builds; then:
+There is no Kubernetes API server here, but the pods of a release can run. Two
+value sets, each pointed at the local PostgreSQL and the image `nox -s container`
+builds:
 
-1. the migration Job's pod: the backup init container (pg_dump into the
-   backup claim, pruning to `keep`), then `alembic upgrade head`, with the
-   chart's env, Secret, volumes, UID and read-only root. Checked: a dump
-   exists, older dumps of the release are pruned and other releases' are not,
-   the schema is at head, and the dump restores with docs/deploy-gke.md's command.
-   Then the same pod on a claim it cannot write: the backup fails and the
-   migration never starts.
-2. the Deployment's pod, with the rendered ConfigMap too. Checked: the
-   rendered startup, readiness and liveness paths answer on the rendered
-   port, a PUT/GET round trip, the chart's UID on a read-only root, and on
-   SIGTERM /readyz turns 503 while requests are still served, then the
-   process exits 0 within terminationGracePeriodSeconds.
+Development (helm/values/development.yaml; the chart's own Secret, a backup claim):
+1. the migration Job's pod: the backup init container (pg_dump into the claim,
+   pruning to `keep`), then `alembic upgrade head`, with the chart's env, Secret,
+   volumes, UID and read-only root. Checked: a dump exists, older dumps of the
+   release are pruned and other releases' are not, the schema is at head. First
+   the same pod with a backup that fails: the migration never starts.
+2. the Deployment's pod, with the rendered ConfigMap. Checked: the rendered
+   startup, readiness and liveness paths answer on the rendered port, a PUT/GET
+   round trip, the metrics port, the chart's UID on a read-only root, and on
+   SIGTERM /readyz turns 503 while requests are still served, then the process
+   exits 0 within terminationGracePeriodSeconds.
+3. a second Job run backs up what the server wrote; docs/deploy-gke.md's restore
+   command brings it back.
 
-What podman 4.3 needs that a kubelet would not, each said where it is done:
-the Secret is loaded into podman's secret store in the format kube play reads;
-the pod uses the host's network (PostgreSQL listens on the host's loopback), so
-the container port list is dropped (podman refuses port mappings there; the
-app still listens on the rendered port); annotations over 63 characters are
-dropped (podman 4.3 applies the label-value limit to them); the claim is a
-podman volume given the pod's fsGroup, as a kubelet does for a claim.
+Production (helm/values/production.yaml; every container of the pods):
+4. the Job pod: the Cloud SQL Auth Proxy native sidecar, the backup into the
+   bucket's mount, the migration, all through the proxy with the Secret created
+   out of band as docs/deploy-gke.md creates it.
+5. the Deployment's pod: the proxy and the app. Checked: each container's
+   startup probe where the kubelet sends it (the pod's IP), the app reaches the
+   database through the sidecar (readiness, PUT/GET), the port the PodMonitoring
+   names serves the app's metrics, every container still running, no listener
+   lost its port. Then the same pod with the proxy's health port left at its
+   default (the defect of issue 21), and with the proxy on a port the app's
+   DATABASE_URL does not name: each must fail these checks.
 
-Registries cannot be reached here: the pg_dump image the chart names is
-replaced, when it cannot be pulled, by a locally built Debian client image.
-It says so loudly, as `nox -s container` does for its base.
+Kubelet behaviour this file does itself, because podman 4.3 does not: native
+sidecars (init containers with restartPolicy Always, Kubernetes 1.29+) and the
+start order. Every container becomes a podman container of the pod, created
+with `kube play --start=false`; then, as a kubelet: each init container in
+order (a sidecar is started and its startupProbe awaited, an ordinary one must
+exit 0 before the next), then the main containers. The pod's restartPolicy is
+Never here, so a container that dies is seen, not restarted.
+
+What podman needs that a kubelet would not, each said where it is done: the
+Secret is loaded into podman's secret store in the format kube play reads; the
+container port lists are dropped (podman would publish them; probes and checks
+use the rendered numbers); annotations over 63 characters are dropped (podman
+4.3 applies the label-value limit to them); a claim is a podman volume given the
+pod's fsGroup, as a kubelet does, and so is the bucket (GKE's Cloud Storage FUSE
+driver gives pg_dump a directory). Development pods use the host's network
+(PostgreSQL listens on the host's loopback). Production pods get a network
+namespace of their own with an address the host reaches, as a pod IP: the
+proxy's 127.0.0.1:5432 is then the pod's, and a probe that only reaches
+localhost fails as on GKE.
+
+Registries cannot be reached here. Where an image the chart names cannot be
+pulled, a local stand-in takes its place and the session says so loudly: the
+pg_dump image becomes Debian's client on the app's base; the Cloud SQL Auth
+Proxy becomes tests/cloud_sql_proxy.py, which listens where the real binary
+would for the rendered arguments and forwards to the local PostgreSQL (through
+a relay on the host's side of the pod network, as the real one reaches Cloud
+SQL over the pod's network).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
 import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import cloud_sql_proxy
 from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
 from tests.container_smoke import (IMAGE, PODMAN, base_image, build, ensure_base, ensure_engine,
                                    run)
-from tests.live_server import get_when_up
 
 RELEASE = "hb"
 NAMESPACE = "hello-birthday"
@@ -58,6 +92,20 @@ PG_DUMP_STAND_IN = "localhost/hello-birthday-pg-dump:stand-in"
 # kube play's containers are named <pod>-<container>.
 JOB_POD = "hb-migrate"
 SERVER_POD = "hb-server"
+# The production pods' network: a namespace with one address the host reaches.
+POD_NETWORK = ipaddress.ip_network("10.231.76.0/30")
+HOST_SIDE, POD_IP = (str(address) for address in POD_NETWORK.hosts())
+HOST_IF, POD_IF = "hbgke0", "hbgke1"
+
+
+_last = [time.monotonic()]
+
+
+def ok(message: str) -> None:
+    """One checked step, with how long it took since the last."""
+    now = time.monotonic()
+    print(f"gke-local: {message}: OK ({now - _last[0]:.0f} s)", flush=True)
+    _last[0] = now
 
 
 def helm() -> str:
@@ -67,9 +115,9 @@ def helm() -> str:
     return found
 
 
-def render(*overrides: str) -> list[dict]:
+def render(values: str, *overrides: str) -> list[dict]:
     out = run(helm(), "template", RELEASE, str(ROOT / "helm" / "hello-birthday"),
-              "--namespace", NAMESPACE, "-f", str(ROOT / "helm/values/development.yaml"),
+              "--namespace", NAMESPACE, "-f", str(ROOT / "helm" / "values" / values),
               *[arg for value in overrides for arg in ("--set", value)], capture=True)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
@@ -88,12 +136,16 @@ def qualified(image: str) -> str:
     return f"docker.io/{image}" if rest else f"docker.io/library/{image}"
 
 
+def pullable(image: str) -> bool:
+    if run(*PODMAN, "image", "exists", image, check=False).returncode == 0:
+        return True
+    return run(*PODMAN, "pull", "--quiet", image, check=False, capture=True).returncode == 0
+
+
 def pg_dump_image(chart_image: str) -> str:
     """The chart's pg_dump image, or a stand-in built from Debian's client."""
     chart_image = qualified(chart_image)
-    if run(*PODMAN, "image", "exists", chart_image, check=False).returncode == 0:
-        return chart_image
-    if run(*PODMAN, "pull", "--quiet", chart_image, check=False, capture=True).returncode == 0:
+    if pullable(chart_image):
         return chart_image
     print(f"\n*** {chart_image} cannot be pulled here: the backup runs on a STAND-IN, "
           "Debian bookworm's postgresql-client on the app's base. CircleCI and clusters "
@@ -110,12 +162,16 @@ def pg_dump_image(chart_image: str) -> str:
     return PG_DUMP_STAND_IN
 
 
-def as_pod(name: str, template: dict) -> dict:
-    """A workload's pod template as a Pod, adapted as the module docstring says."""
+def as_pod(name: str, template: dict, host_network: bool) -> dict:
+    """A workload's pod template as a Pod podman can create; the kubelet's part is in PodRun."""
     spec = json.loads(json.dumps(template["spec"]))
-    spec["hostNetwork"] = True
-    for container in spec.get("initContainers", []) + spec["containers"]:
+    spec["hostNetwork"] = host_network
+    # Every container a podman container, started in the kubelet's order by PodRun.
+    spec["containers"] = spec.pop("initContainers", []) + spec["containers"]
+    for container in spec["containers"]:
         container.pop("ports", None)
+        container.pop("restartPolicy", None)
+    spec["restartPolicy"] = "Never"
     metadata = {key: value for key, value in template["metadata"].items() if key != "annotations"}
     annotations = {key: value for key, value in
                    (template["metadata"].get("annotations") or {}).items() if len(value) <= 63}
@@ -123,24 +179,19 @@ def as_pod(name: str, template: dict) -> dict:
             "metadata": {**metadata, "name": name, "annotations": annotations}, "spec": spec}
 
 
-def load_secret(secret: dict) -> None:
+def load_secret(name: str, data: dict[str, str]) -> None:
     """kube play 4.3 resolves secretKeyRef from podman's secret store, where it
     expects a JSON object of base64 values (the Secret's `data`)."""
-    data = dict(secret.get("data") or {})
-    data.update({key: base64.b64encode(value.encode()).decode()
-                 for key, value in (secret.get("stringData") or {}).items()})
-    name = secret["metadata"]["name"]
+    encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
     run(*PODMAN, "secret", "rm", name, check=False, capture=True)
-    run(*PODMAN, "secret", "create", name, "-", input=json.dumps(data))
+    run(*PODMAN, "secret", "create", name, "-", input=json.dumps(encoded))
 
 
-def play(pod: dict, *extra: dict) -> subprocess.CompletedProcess:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump_all([*extra, pod], handle)
-    try:
-        return run(*PODMAN, "kube", "play", handle.name, check=False, capture=True)
-    finally:
-        os.unlink(handle.name)
+def load_chart_secret(secret: dict) -> None:
+    data = {key: base64.b64decode(value).decode() for key, value in
+            (secret.get("data") or {}).items()}
+    data.update(secret.get("stringData") or {})
+    load_secret(secret["metadata"]["name"], data)
 
 
 def remove_pod(name: str) -> None:
@@ -152,6 +203,11 @@ def container_state(name: str) -> dict:
                           capture=True).stdout)
 
 
+def logs(name: str) -> str:
+    out = run(*PODMAN, "logs", name, check=False, capture=True)
+    return out.stdout + out.stderr
+
+
 def wait_exited(name: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,6 +217,148 @@ def wait_exited(name: str, timeout: float) -> dict:
         time.sleep(0.5)
     raise AssertionError(f"{name} still running after {timeout} s")
 
+
+class PodFailed(AssertionError):
+    pass
+
+
+def port_of(container: dict, port: str | int) -> int:
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+
+
+@dataclass
+class PodRun:
+    """One pod started as a kubelet starts it: init containers in order (a native
+    sidecar is started and its startupProbe awaited; an ordinary one must exit 0),
+    then the main containers. Probes go to the pod's IP."""
+
+    name: str
+    template: dict
+    own_network: bool = False  # else the host's
+    netns_pid: str = ""  # its infra container's, once attached
+
+    @property
+    def ip(self) -> str:
+        return POD_IP if self.own_network else "127.0.0.1"
+
+    def container(self, name: str) -> str:
+        return f"{self.name}-{name}"
+
+    def spec_of(self, name: str) -> dict:
+        spec = self.template["spec"]
+        return next(c for c in spec.get("initContainers", []) + spec["containers"]
+                    if c["name"] == name)
+
+    def probe_url(self, container: dict, probe: dict) -> str:
+        get = probe["httpGet"]
+        return f"http://{self.ip}:{port_of(container, get['port'])}{get['path']}"
+
+    def await_probe(self, container: dict, kind: str) -> float:
+        probe = container[kind]
+        url = self.probe_url(container, probe)
+        started = time.monotonic()
+        deadline = started + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+        while True:
+            state = container_state(self.container(container["name"]))
+            if state["Status"] in ("exited", "stopped"):
+                raise PodFailed(f"{container['name']} exited ({state['ExitCode']}) before its "
+                                f"{kind} passed:\n{logs(self.container(container['name']))}")
+            try:
+                if httpx.get(url, timeout=probe.get("timeoutSeconds", 1)).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise PodFailed(f"{container['name']}: {kind} {url} never answered 200:\n"
+                                f"{logs(self.container(container['name']))}")
+            time.sleep(0.2)
+
+    def start(self, *extra: dict) -> None:
+        remove_pod(self.name)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            yaml.safe_dump_all([*extra, as_pod(self.name, self.template, not self.own_network)],
+                               handle)
+        network = ["--network", "none"] if self.own_network else []
+        try:
+            played = run(*PODMAN, "kube", "play", "--start=false", *network, handle.name,
+                         check=False, capture=True)
+        finally:
+            os.unlink(handle.name)
+        if played.returncode != 0:
+            raise PodFailed(f"kube play refused the pod: {played.stderr}")
+        if self.own_network:
+            self.attach_network()
+        spec = self.template["spec"]
+        for container in spec.get("initContainers", []):
+            name = self.container(container["name"])
+            run(*PODMAN, "start", name, capture=True)
+            if container.get("restartPolicy") == "Always":
+                if "startupProbe" in container:
+                    self.await_probe(container, "startupProbe")
+                continue
+            state = wait_exited(name, 600)
+            if state["ExitCode"] != 0:
+                raise PodFailed(f"init container {container['name']} exited "
+                                f"{state['ExitCode']}:\n{logs(name)}")
+        for container in spec["containers"]:
+            run(*PODMAN, "start", self.container(container["name"]), capture=True)
+
+    def attach_network(self) -> None:
+        """The pod's namespace (its infra container's) gets POD_IP on a veth pair whose
+        host end is HOST_SIDE: the host reaches the pod as a node reaches a pod IP.
+        (podman's bridge networks are not routable from the host on this kind of machine,
+        and kube play refuses a path to a prepared namespace.)"""
+        infra = run(*PODMAN, "pod", "inspect", "--format", "{{.InfraContainerID}}", self.name,
+                    capture=True).stdout.strip()
+        run(*PODMAN, "start", infra, capture=True)
+        pid = run(*PODMAN, "inspect", "--format", "{{.State.Pid}}", infra,
+                  capture=True).stdout.strip()
+        run("ip", "link", "delete", HOST_IF, check=False, capture=True)
+        run("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", POD_IF)
+        run("ip", "link", "set", POD_IF, "netns", pid)
+        prefix = POD_NETWORK.prefixlen
+        run("ip", "addr", "add", f"{HOST_SIDE}/{prefix}", "dev", HOST_IF)
+        run("ip", "link", "set", HOST_IF, "up")
+        for command in (["addr", "add", f"{POD_IP}/{prefix}", "dev", POD_IF],
+                        ["link", "set", POD_IF, "up"], ["link", "set", "lo", "up"]):
+            run("nsenter", "--target", pid, "--net", "ip", *command)
+        self.netns_pid = pid
+
+    def never_started(self, name: str) -> bool:
+        return container_state(self.container(name))["Status"] in ("created", "configured")
+
+    def remove(self) -> None:
+        remove_pod(self.name)  # the namespace goes with it, and the veth pair
+        if self.own_network:
+            run("ip", "link", "delete", HOST_IF, check=False, capture=True)
+
+
+# --- the production pods' network ----------------------------------------------------------
+
+# Linux's IP_FREEBIND (linux/in.h; Python's socket module does not name it): bind to
+# HOST_SIDE while no veth carries it (it comes and goes with each pod).
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
+def relay(target: str) -> str:
+    """HOST_SIDE:port forwarding to the test PostgreSQL: what the pod's proxy dials."""
+    taken = run("ip", "-o", "addr", "show", capture=True).stdout
+    if f" {HOST_SIDE}/" in taken:
+        sys.exit(f"gke-local: FAILED: {HOST_SIDE} is already in use on this machine")
+    host, port = urlsplit(target).hostname, urlsplit(target).port or 5432
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+    sock.bind((HOST_SIDE, 0))
+    sock.listen(64)
+    threading.Thread(target=cloud_sql_proxy.serve_instance,
+                     args=("relay", sock, {"relay": f"{host}:{port}"}), daemon=True).start()
+    return f"{HOST_SIDE}:{sock.getsockname()[1]}"
+
+
+# --- the migration Job -----------------------------------------------------------------------
 
 def claim_volume(name: str, fs_group: int) -> Path:
     run(*PODMAN, "volume", "rm", "--force", name, check=False, capture=True)
@@ -185,20 +383,15 @@ def schema_revision(url: str) -> str | None:
         engine.dispose()
 
 
-def run_job(docs: list[dict], claim: str) -> tuple[subprocess.CompletedProcess, str]:
-    job = one(docs, "Job", "-migrate")
-    pod = as_pod(JOB_POD, job["spec"]["template"])
-    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "backup"]
-    assert volume["persistentVolumeClaim"]["claimName"] == claim
-    remove_pod(JOB_POD)
-    played = play(pod)
-    print(played.stdout, played.stderr, flush=True)
-    logs = ""
-    if played.returncode == 0:
-        state = wait_exited(f"{JOB_POD}-migrate", job["spec"]["activeDeadlineSeconds"])
-        logs = run(*PODMAN, "logs", f"{JOB_POD}-migrate", capture=True).stderr
-        assert state["ExitCode"] == 0, (state, logs)
-    return played, logs
+def run_job(job: dict, own_network: bool = False) -> tuple[PodRun, str]:
+    """The Job's pod to completion: the migrate container must exit 0."""
+    pod = PodRun(JOB_POD, job["spec"]["template"], own_network)
+    pod.start()
+    name = pod.container("migrate")
+    state = wait_exited(name, job["spec"]["activeDeadlineSeconds"])
+    output = logs(name)
+    assert state["ExitCode"] == 0, (state, output)
+    return pod, output
 
 
 def check_job(docs: list[dict], url: str, pg_dump: str) -> None:
@@ -212,13 +405,18 @@ def check_job(docs: list[dict], url: str, pg_dump: str) -> None:
     # Fault first: a backup that fails (an image without pg_dump). The pod must
     # not start its migration, and the schema must stay untouched.
     claim_volume(claim_name, fs_group)
-    broken = json.loads(json.dumps(docs))
-    job_spec = one(broken, "Job", "-migrate")["spec"]["template"]["spec"]
-    next(c for c in job_spec["initContainers"] if c["name"] == "backup")["image"] = IMAGE
-    played, _ = run_job(broken, claim_name)
-    assert played.returncode != 0, "the Job's pod started although its backup failed"
+    broken = json.loads(json.dumps(job))
+    next(c for c in broken["spec"]["template"]["spec"]["initContainers"]
+         if c["name"] == "backup")["image"] = IMAGE
+    pod = PodRun(JOB_POD, broken["spec"]["template"])
+    try:
+        pod.start()
+        raise AssertionError("the Job's pod started its migration although its backup failed")
+    except PodFailed as failed:
+        assert "init container backup exited" in str(failed), failed
+    assert pod.never_started("migrate"), "alembic started although the backup failed"
     assert schema_revision(url) is None, "alembic ran although the backup failed"
-    print("gke-local: a failed backup stops the migration: OK", flush=True)
+    ok("a failed backup stops the migration")
 
     # Then a writable claim holding dumps: two of this release, older, and one
     # of another release, which pruning must leave alone.
@@ -228,7 +426,7 @@ def check_job(docs: list[dict], url: str, pg_dump: str) -> None:
     for i, path in enumerate([*old, foreign]):
         path.write_text("old")
         os.utime(path, (1_577_836_800 + i, 1_577_836_800 + i))
-    run_job(docs, claim_name)
+    run_job(job)
     dumps = sorted(p.name for p in volume.glob(f"{RELEASE}-*.dump"))
     keep = int(backup["args"][0].split("tail -n +")[1].split()[0]) - 1
     assert len(dumps) == keep and old[0].name not in dumps, dumps
@@ -239,9 +437,9 @@ def check_job(docs: list[dict], url: str, pg_dump: str) -> None:
 
     from app.schema import HEAD
     assert schema_revision(url) == HEAD
-    print(f"gke-local: migration Job pod: dump {new_dump} written by uid "
-          f"{spec['securityContext']['runAsUser']} with {pg_dump}, pruned to {keep}, "
-          f"schema at {HEAD}: OK", flush=True)
+    ok(f"migration Job pod: dump {new_dump} written by uid "
+       f"{spec['securityContext']['runAsUser']} with {pg_dump}, pruned to {keep}, "
+       f"schema at {HEAD}")
 
 
 RESTORE = 'pg_restore --clean --if-exists --no-owner --dbname="$DATABASE_URL"'
@@ -268,11 +466,12 @@ def usernames(url: str) -> set[str]:
 def check_restore(docs: list[dict], url: str, pg_dump: str) -> None:
     """The next release's Job backs up the data the server wrote; after a later
     change, the documented restore of that dump brings it back."""
-    claim_name = next(v["persistentVolumeClaim"]["claimName"] for v in
-                      one(docs, "Job", "-migrate")["spec"]["template"]["spec"]["volumes"]
+    job = one(docs, "Job", "-migrate")
+    claim_name = next(v["persistentVolumeClaim"]["claimName"]
+                      for v in job["spec"]["template"]["spec"]["volumes"]
                       if "persistentVolumeClaim" in v)
     time.sleep(1)  # dump names carry the second
-    run_job(docs, claim_name)
+    run_job(job)
     mount = Path(run(*PODMAN, "volume", "inspect", "--format", "{{.Mountpoint}}", claim_name,
                      capture=True).stdout.strip())
     newest = max(mount.glob(f"{RELEASE}-*.dump"), key=lambda p: p.stat().st_mtime).name
@@ -287,66 +486,111 @@ def check_restore(docs: list[dict], url: str, pg_dump: str) -> None:
     engine.dispose()
     restore(url, pg_dump, claim_name, newest)
     assert usernames(url) == before
-    print(f"gke-local: the documented restore of {newest}: OK", flush=True)
+    ok(f"the documented restore of {newest}")
 
 
-def port_of(container: dict, name: str | int) -> int:
-    if isinstance(name, int):
-        return name
-    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+# --- the server pod ----------------------------------------------------------------------------
+
+def app_probes(pod: PodRun) -> dict[str, str]:
+    app = pod.spec_of("app")
+    return {kind: pod.probe_url(app, app[kind])
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+def await_app(pod: PodRun, timeout: float = 60) -> None:
+    probes = app_probes(pod)
+    deadline = time.monotonic() + timeout
+    answers: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            answers = {kind: httpx.get(url, timeout=2).status_code for kind, url in probes.items()}
+            if set(answers.values()) == {200}:
+                return
+        except httpx.TransportError as error:
+            answers = {"error": str(error)}
+        if container_state(pod.container("app"))["Status"] in ("exited", "stopped"):
+            break
+        time.sleep(0.5)
+    raise PodFailed(f"the app's probes never all answered 200: {answers}\n"
+                    f"{logs(pod.container('app'))}")
+
+
+def scrape(pod: PodRun, monitoring: dict | None) -> tuple[int, str]:
+    """What the scraper reads: the PodMonitoring's port name resolved among the pod's
+    containers, as Managed Prometheus does (else the app's `metrics` port)."""
+    spec = pod.template["spec"]
+    name = monitoring["spec"]["endpoints"][0]["port"] if monitoring else "metrics"
+    (port,) = [p["containerPort"] for c in spec.get("initContainers", []) + spec["containers"]
+               for p in c.get("ports", []) if p.get("name") == name]
+    response = httpx.get(f"http://{pod.ip}:{port}/metrics", timeout=2)
+    return port, response.text if response.status_code == 200 else \
+        f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def check_requests(pod: PodRun, user: str) -> str:
+    """A PUT/GET round trip: the app reaches its database."""
+    base = app_probes(pod)["readinessProbe"].rsplit("/", 1)[0]
+    assert httpx.put(f"{base}/hello/{user}", json={"dateOfBirth": "1990-05-17"}).status_code == 204
+    message = httpx.get(f"{base}/hello/{user}").json()["message"]
+    assert message.startswith(f"Hello, {user}!"), message
+    assert httpx.get(f"{base}/metrics").status_code == 404  # never on the public port
+    return base
+
+
+def check_metrics(pod: PodRun, monitoring: dict | None, puts: int) -> str:
+    """Where the scraper goes, the app's metrics, counting the PUTs it served."""
+    port, scraped = scrape(pod, monitoring)
+    try:
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(scraped)
+                   for s in family.samples}
+    except ValueError:
+        samples = {}
+    put = ("hello_birthday_http_requests_total", (
+        ("method", "PUT"), ("route", "/hello/{username}"), ("status_class", "2xx")))
+    if samples.get(put, 0) != puts or "hello_birthday_build_info{" not in scraped:
+        raise PodFailed(f"port {port}, where the scraper goes, does not serve the app's "
+                        f"metrics: {scraped[:300]!r}")
+    return scraped
+
+
+def check_every_container_listens(pod: PodRun) -> None:
+    """Every container still running, and none lost a port it wanted (the app only
+    logs a metrics port it cannot bind; the proxy exits)."""
+    spec = pod.template["spec"]
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        name = pod.container(container["name"])
+        state = container_state(name)
+        if state["Status"] != "running":
+            raise PodFailed(f"{container['name']} is {state['Status']} "
+                            f"({state.get('ExitCode')}):\n{logs(name)}")
+        for line in logs(name).splitlines():
+            if any(sign in line for sign in ("cannot serve on port", "Address already in use",
+                                             "failed to start HTTP server")):
+                raise PodFailed(f"{container['name']} lost a port: {line.strip()[:300]}")
 
 
 def check_server(docs: list[dict]) -> None:
     deployment = one(docs, "Deployment")
     template = deployment["spec"]["template"]
     spec = template["spec"]
-    (app,) = [c for c in spec["containers"] if c["name"] == "app"]
     config = one(docs, "ConfigMap")
-    pod = as_pod(SERVER_POD, template)
-    probes = {kind: (app[kind]["httpGet"]["path"], port_of(app, app[kind]["httpGet"]["port"]))
-              for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
-    ports = {port for _, port in probes.values()}
-    assert len(ports) == 1
-    base = f"http://127.0.0.1:{ports.pop()}"
-    metrics = f"http://127.0.0.1:{port_of(app, 'metrics')}/metrics"
-    for url in (base + "/healthz", metrics):
+    pod = PodRun(SERVER_POD, template)
+    app = pod.spec_of("app")
+    for url in (*app_probes(pod).values(), f"http://127.0.0.1:{port_of(app, 'metrics')}/"):
         try:
             httpx.get(url, timeout=1)
             sys.exit(f"gke-local: FAILED: something already listens on {url}; the pod "
                      "uses the host's network and the rendered ports")
         except httpx.TransportError:
             pass
-    remove_pod(SERVER_POD)
-    played = play(pod, config)
-    assert played.returncode == 0, played.stderr
-    name = f"{SERVER_POD}-app"
+    name = pod.container("app")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                answers = {kind: httpx.get(base + path, timeout=2).status_code
-                           for kind, (path, _) in probes.items()}
-                if set(answers.values()) == {200}:
-                    break
-            except httpx.TransportError:
-                answers = {}
-            if time.monotonic() > deadline:
-                print(run(*PODMAN, "logs", name, check=False, capture=True).stderr)
-                raise AssertionError(f"probes never all answered 200: {answers}")
-            time.sleep(0.5)
-        assert httpx.put(base + "/hello/Pod", json={"dateOfBirth": "1990-05-17"}).status_code == 204
-        message = httpx.get(base + "/hello/Pod").json()["message"]
-        assert message.startswith("Hello, Pod!"), message
-        # What the PodMonitoring scrapes: the rendered metrics port, not the public one.
-        scraped = get_when_up(metrics).text
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for family in text_string_to_metric_families(scraped)
-                   for s in family.samples}
-        put = ("hello_birthday_http_requests_total", (
-            ("method", "PUT"), ("route", "/hello/{username}"), ("status_class", "2xx")))
-        assert samples.get(put) == 1, scraped[:2000]
-        assert "hello_birthday_build_info{" in scraped and "Pod" not in scraped
-        assert httpx.get(base + "/metrics").status_code == 404
+        pod.start(config)
+        await_app(pod)
+        base = check_requests(pod, "Pod")
+        assert "Pod" not in check_metrics(pod, None, puts=1)
+        check_every_container_listens(pod)
 
         user = spec["securityContext"]["runAsUser"]
         uid = run(*PODMAN, "exec", name, "python", "-c", "import os; print(os.getuid())",
@@ -369,7 +613,7 @@ def check_server(docs: list[dict]) -> None:
         stopper = subprocess.Popen([*PODMAN, "stop", "--time", str(grace), name],
                                    stdout=subprocess.DEVNULL)
         time.sleep(1)
-        assert httpx.get(base + probes["readinessProbe"][0]).status_code == 503
+        assert httpx.get(app_probes(pod)["readinessProbe"]).status_code == 503
         assert httpx.get(base + "/hello/Pod").status_code == 200
         stopper.wait(grace + 10)
         elapsed = time.monotonic() - started
@@ -377,15 +621,151 @@ def check_server(docs: list[dict]) -> None:
         assert state["ExitCode"] == 0, state
         assert drain <= elapsed < grace, \
             f"stopped after {elapsed:.1f} s (drain {drain}, grace {grace})"
-        print(f"gke-local: server pod: probes {sorted(set(p for p, _ in probes.values()))} on "
-              f"{base}, PUT/GET, uid {uid}, read-only root, ConfigMap env, SIGTERM: 503 on "
-              f"/readyz while serving, exit 0 after {elapsed:.1f} s (grace {grace}): OK",
-              flush=True)
+        ok(f"server pod: probes on {base}, PUT/GET, metrics, uid {uid}, "
+           f"read-only root, ConfigMap env, SIGTERM: 503 on /readyz while serving, exit 0 "
+           f"after {elapsed:.1f} s (grace {grace})")
     finally:
-        remove_pod(SERVER_POD)
+        pod.remove()
 
 
-def main() -> int:
+# --- production ---------------------------------------------------------------------------
+
+def documented_database_address() -> tuple[str, int]:
+    """Host and port of the DATABASE_URL that docs/deploy-gke.md puts in the Secret."""
+    text = (ROOT / "docs" / "deploy-gke.md").read_text()
+    marker = "--from-literal=DATABASE_URL='"
+    assert marker in text, "docs/deploy-gke.md no longer creates the Secret with DATABASE_URL"
+    documented = urlsplit(text.split(marker, 1)[1].split("'", 1)[0])
+    return documented.hostname, documented.port
+
+
+def with_proxy_stand_in(template: dict, backend: str) -> dict:
+    """The Cloud SQL Auth Proxy container as its stand-in: the app's image (it has the
+    interpreter) runs tests/cloud_sql_proxy.py, mounted read-only, with the chart's
+    arguments unchanged (the real image's entrypoint is the binary, so they follow it the
+    same way), and learns where its instance is (the real one asks the SQL Admin API)."""
+    template = json.loads(json.dumps(template))
+    spec = template["spec"]
+    (proxy,) = [c for c in spec.get("initContainers", []) if c["name"] == "cloud-sql-proxy"]
+    version = proxy["image"].rsplit(":", 1)[1]
+    assert version == cloud_sql_proxy.MODELLED_VERSION, (proxy["image"], "not the modelled one")
+    instance = next(a for a in proxy["args"] if not a.startswith("-"))
+    proxy.update(image=IMAGE, imagePullPolicy="Never",
+                 command=["python", "/stand-in/cloud_sql_proxy.py"])
+    proxy.setdefault("env", []).append({"name": cloud_sql_proxy.BACKENDS_ENV,
+                                        "value": json.dumps({instance.split("?")[0]: backend})})
+    proxy.setdefault("volumeMounts", []).append(
+        {"name": "proxy-stand-in", "mountPath": "/stand-in/cloud_sql_proxy.py", "readOnly": True})
+    spec["volumes"].append({"name": "proxy-stand-in", "hostPath": {
+        "path": str(ROOT / "tests" / "cloud_sql_proxy.py"), "type": "File"}})
+    return template
+
+
+def check_database_path(pod: PodRun, host: str, port: int) -> None:
+    """Inside the pod's network, DATABASE_URL's address answers (the sidecar listens there)."""
+    reached = run("nsenter", "--target", pod.netns_pid, "--net", sys.executable, "-c",
+                  f"import socket; socket.create_connection(({host!r}, {port}), 2).close()",
+                  check=False, capture=True)
+    if reached.returncode != 0:
+        raise PodFailed(f"nothing in the pod listens at {host}:{port}, where DATABASE_URL "
+                        f"points: {reached.stderr.strip().splitlines()[-1]}")
+
+
+def production_job(docs: list[dict], bucket_volume: str) -> dict:
+    """The Job with the bucket's CSI volume as a podman volume (the FUSE mount is a
+    directory to pg_dump; the driver and its injected sidecar exist only on GKE)."""
+    job = json.loads(json.dumps(one(docs, "Job", "-migrate")))
+    spec = job["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "backup"]
+    assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
+    volume.pop("csi")
+    volume["persistentVolumeClaim"] = {"claimName": bucket_volume}
+    return job
+
+
+def check_production(image: tuple[str, str], pg_dump: str, server: PostgresServer) -> None:
+    repository, tag = image
+    docs = render("production.yaml", f"image.repository={repository}", f"image.tag={tag}",
+                  "image.digest=", "image.pullPolicy=Never", f"migration.backup.image={pg_dump}")
+    print(f"\n*** the Cloud SQL Auth Proxy runs as a STAND-IN: tests/cloud_sql_proxy.py, "
+          f"modelled on release {cloud_sql_proxy.MODELLED_VERSION}, listening where that release "
+          "would for the rendered arguments and forwarding to the local PostgreSQL. ***\n",
+          flush=True)
+    url = server.create_database().replace("postgresql+psycopg://", "postgresql://")
+    host, port = documented_database_address()
+    # The Secret made out of band, as docs/deploy-gke.md makes it: the proxy's address.
+    target = urlsplit(url)
+    in_pod = f"postgresql://{target.username}@{host}:{port}{target.path}"
+    app_env = next(c for c in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+                   if c["name"] == "app")["env"]
+    reference = next(e for e in app_env if e["name"] == "DATABASE_URL")["valueFrom"]
+    load_secret(reference["secretKeyRef"]["name"], {reference["secretKeyRef"]["key"]: in_pod})
+    config = one(docs, "ConfigMap")
+    monitoring = one(docs, "PodMonitoring")
+    backend = relay(url)
+    # 4. The Job: proxy, backup into the bucket, migration, through the proxy.
+    job = production_job(docs, "hb-backup-bucket")
+    job_spec = job["spec"]["template"]["spec"]
+    bucket = claim_volume("hb-backup-bucket", job_spec["securityContext"]["fsGroup"])
+    job["spec"]["template"] = with_proxy_stand_in(job["spec"]["template"], backend)
+    pod, _ = run_job(job, own_network=True)
+    proxy_logs = logs(pod.container("cloud-sql-proxy"))
+    pod.remove()
+    (dump,) = bucket.glob(f"{RELEASE}-*.dump")
+    from app.schema import HEAD
+    assert schema_revision(url) == HEAD
+    assert f"Listening on {host}:{port}" in proxy_logs, proxy_logs
+    ok(f"production Job pod: the proxy sidecar passed its startup probe at "
+       f"{POD_IP}, {dump.name} in the bucket's mount, schema at {HEAD}, all through "
+       f"{host}:{port}")
+
+    # 5. The server pod: every container, probed at the pod's IP.
+    template = with_proxy_stand_in(one(docs, "Deployment")["spec"]["template"], backend)
+    pod = PodRun(SERVER_POD, template, own_network=True)
+    try:
+        pod.start(config)
+        check_database_path(pod, host, port)
+        await_app(pod)
+        check_requests(pod, "Prod")
+        assert "Prod" not in check_metrics(pod, monitoring, puts=1)
+        check_every_container_listens(pod)
+    finally:
+        pod.remove()
+    ok(f"production server pod: cloud-sql-proxy, then app, probes at {POD_IP}, the app "
+       f"reaches the database through the sidecar, PodMonitoring's "
+       f"`{monitoring['spec']['endpoints'][0]['port']}` serves the app's metrics, no "
+       "container lost a port")
+
+    # The same checks on a broken pod must fail, each for its own fault: the proxy's
+    # health server left at its default, 9090 (issue 21: the chart probed it there),
+    # and the proxy's database listener where DATABASE_URL does not point.
+    broken = json.loads(json.dumps(template))
+    sidecar = broken["spec"]["initContainers"][0]
+    sidecar["args"] = ["--port=5433" if a == "--port=5432" else a for a in sidecar["args"]
+                       if not a.startswith("--http-port")]
+    sidecar["ports"] = [{"name": "proxy-health", "containerPort": 9090}]
+    pod = PodRun(SERVER_POD, broken, own_network=True)
+    detectors = {
+        "the proxy on 5433, DATABASE_URL on 5432": lambda: check_database_path(pod, host, port),
+        "the proxy's health server on 9090, the app's metrics port":
+            lambda: check_metrics(pod, monitoring, puts=0),
+        "a container lost its port": lambda: check_every_container_listens(pod)}
+    try:
+        pod.start(config)
+        # The app's process is up (its startup probe) whatever its database.
+        pod.await_probe(pod.spec_of("app"), "startupProbe")
+        for fault, detector in detectors.items():
+            try:
+                detector()
+            except PodFailed as failed:
+                ok(f"{fault}: the run fails ({str(failed).splitlines()[0]})")
+            else:
+                raise AssertionError(f"gke-local passed a pod with {fault}")
+    finally:
+        pod.remove()
+
+
+def main(parts: list[str]) -> int:
     ensure_engine()
     if run(*PODMAN, "image", "exists", IMAGE, check=False).returncode != 0:
         ensure_base(base_image())
@@ -398,25 +778,31 @@ def main() -> int:
         os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)))
     url = server.create_database().replace("postgresql+psycopg://", "postgresql://")
     repository, tag = IMAGE.rsplit(":", 1)
-    chart_pg_dump = one(render(), "Job", "-migrate")["spec"]["template"]["spec"]
+    chart_pg_dump = one(render("development.yaml"), "Job", "-migrate")["spec"]["template"]["spec"]
     chart_pg_dump = next(c["image"] for c in chart_pg_dump["initContainers"]
                          if c["name"] == "backup")
     pg_dump = pg_dump_image(chart_pg_dump)
-    docs = render(f"database.url={url}", f"image.repository={repository}", f"image.tag={tag}",
-                  "image.pullPolicy=Never", f"migration.backup.image={pg_dump}",
-                  "migration.backup.keep=2")
-    load_secret(one(docs, "Secret"))
+    docs = render("development.yaml", f"database.url={url}", f"image.repository={repository}",
+                  f"image.tag={tag}", "image.pullPolicy=Never",
+                  f"migration.backup.image={pg_dump}", "migration.backup.keep=2")
+    load_chart_secret(one(docs, "Secret"))
+    unknown = set(parts) - {"development", "production"}
+    assert not unknown, f"gke-local runs development and/or production, not {unknown}"
     try:
-        check_job(docs, url, pg_dump)
-        check_server(docs)
-        check_restore(docs, url, pg_dump)
+        if "development" in parts:
+            check_job(docs, url, pg_dump)
+            check_server(docs)
+            check_restore(docs, url, pg_dump)
+        if "production" in parts:
+            check_production((repository, tag), pg_dump, server)
     finally:
         remove_pod(JOB_POD)
         remove_pod(SERVER_POD)
         server.drop_all()
     stand_in = " (pg_dump on the Debian STAND-IN image)" if pg_dump == PG_DUMP_STAND_IN else ""
     print(f"\ngke-local: OK; the chart's migration Job and server pods ran in podman "
-          f"with {IMAGE}{stand_in}")
+          f"with {IMAGE}{stand_in}, development and production values (the Cloud SQL Auth "
+          f"Proxy as the STAND-IN of tests/cloud_sql_proxy.py)")
     return 0
 
 
@@ -430,4 +816,4 @@ def write_containers_conf() -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or ["development", "production"]))
