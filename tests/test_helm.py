@@ -197,6 +197,76 @@ def test_config_changes_roll_the_pods():
         first["checksum/config"]
 
 
+def pod_template(docs: list[dict]) -> dict:
+    return find(docs, "Deployment")["spec"]["template"]
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    # The development Secret the chart makes: its checksum.
+    (["-f", str(ROOT / "helm/values/development.yaml")],
+     ["-f", str(ROOT / "helm/values/development.yaml"),
+      "--set", "database.url=postgresql://hello:rotated@hello-birthday-db:5432/hello"]),
+    # A Secret made outside the chart (Helm and ArgoCD cannot read it): its revision.
+    (["--set", "database.secretRevision=1"], ["--set", "database.secretRevision=2"]),
+    # IAM authentication: the login is the Google service account's, in the template.
+    (VALUE_SETS["production"],
+     [*VALUE_SETS["production"],
+      "--set", "serviceAccount.gcpServiceAccount=other@my-project.iam.gserviceaccount.com"]),
+])
+def test_a_credentials_change_rolls_the_pods(before, after):
+    assert pod_template(render(*before)) != pod_template(render(*after))
+
+
+def test_production_logs_in_with_iam_through_the_proxy_and_holds_no_secret(production):
+    """deploy-google's design (the board): the runtime Google service account is the
+    Cloud SQL IAM user NAME@PROJECT.iam; the proxy logs in with --auto-iam-authn; the
+    URL names that user, no password, at the proxy's database listener."""
+    from urllib.parse import unquote, urlsplit
+
+    from tests import cloud_sql_proxy
+
+    account = yaml.safe_load((ROOT / "helm/values/production.yaml").read_text())[
+        "serviceAccount"]["gcpServiceAccount"]
+    for kind, suffix in (("Deployment", ""), ("Job", "-migrate")):
+        spec = find(production, kind, suffix)["spec"]["template"]["spec"]
+        (proxy,) = [c for c in spec["initContainers"] if c["name"] == "cloud-sql-proxy"]
+        assert "--auto-iam-authn" in proxy["args"]
+        (database,) = [found for found in cloud_sql_proxy.listeners(proxy["args"])
+                       if found.purpose.startswith("instance ")]
+        for container in spec["initContainers"] + spec["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert not any("valueFrom" in e for e in env.values()), container["name"]
+            if container["name"] == "cloud-sql-proxy":
+                continue
+            url = urlsplit(env["DATABASE_URL"]["value"])
+            assert url.password is None
+            assert unquote(url.username) == account.removesuffix(".gserviceaccount.com")
+            assert (url.hostname, url.port) == (database.host, database.port)
+            assert url.path == "/hello"  # the board's database
+    assert not [d for d in production if d["kind"] == "Secret"]
+    # Both Kubernetes service accounts act as that Google service account (Workload
+    # Identity), under the names setup.sh binds for release hello-birthday.
+    named = subprocess.run([helm(), "template", "hello-birthday", str(CHART), "--namespace",
+                            "hello-birthday", "--kube-version", KUBE_VERSION,
+                            *VALUE_SETS["production"]], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    accounts = {d["metadata"]["name"]: d for d in yaml.safe_load_all(named)
+                if d and d["kind"] == "ServiceAccount"}
+    assert set(accounts) == {"hello-birthday", "hello-birthday-migrate"}
+    for account_doc in accounts.values():
+        assert account_doc["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == account
+
+
+@pytest.mark.parametrize(("args", "complaint"), [
+    (["--set", "database.url=postgresql://a:b@c/d"], "autoIamAuthn"),
+    (["--set", "serviceAccount.gcpServiceAccount="], "gcpServiceAccount"),
+    (["--set", "serviceAccount.gcpServiceAccount=hello-birthday"], "service account email"),
+])
+def test_iam_authentication_refuses_a_password_or_no_google_account(args, complaint):
+    result = template(*VALUE_SETS["production"], *args)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr
+
+
 def test_pdb_and_hpa_keep_two_pods(docs):
     pdb = find(docs, "PodDisruptionBudget")
     assert pdb["apiVersion"] == "policy/v1"
@@ -639,8 +709,10 @@ PORT_RULE_SETS = {**VALUE_SETS,
                   "monitoring": [*VALUE_SETS["production"], *MONITORING],
                   "public-ip": [*VALUE_SETS["production"],
                                 "--set", "cloudSqlProxy.privateIp=false"],
+                  # The proxy with a password Secret instead of IAM authentication.
                   "default-with-proxy": ["--set", "cloudSqlProxy.enabled=true", "--set",
-                                         "cloudSqlProxy.instanceConnectionName=p:europe-west1:i"]}
+                                         "cloudSqlProxy.instanceConnectionName=p:europe-west1:i",
+                                         "--set", "cloudSqlProxy.autoIamAuthn=false"]}
 
 
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:

@@ -80,13 +80,46 @@ helm.sh/hook-delete-policy: before-hook-creation
 {{- end }}
 {{- end }}
 
-{{/* DATABASE_URL from the Secret. */}}
+{{/* "true" when the pods log in with IAM database authentication through the proxy. */}}
+{{- define "hello-birthday.iamAuthn" -}}
+{{- if and .Values.cloudSqlProxy.enabled .Values.cloudSqlProxy.autoIamAuthn }}true{{ end }}
+{{- end }}
+
+{{/* The Cloud SQL IAM user of the pods' Google service account: its email without
+".gserviceaccount.com" (Cloud SQL's naming; setup.sh creates that user). */}}
+{{- define "hello-birthday.iamDatabaseUser" -}}
+{{- $account := required "serviceAccount.gcpServiceAccount is required with cloudSqlProxy.autoIamAuthn: its Cloud SQL IAM user is the database login" .Values.serviceAccount.gcpServiceAccount }}
+{{- if not (hasSuffix ".iam.gserviceaccount.com" $account) }}
+{{- fail (printf "serviceAccount.gcpServiceAccount (%s) must be a service account email, NAME@PROJECT.iam.gserviceaccount.com" $account) }}
+{{- end }}
+{{- trimSuffix ".gserviceaccount.com" $account }}
+{{- end }}
+
+{{/* DATABASE_URL: with IAM authentication a plain value (the proxy's listener, the IAM
+user, no password), else from the Secret. */}}
 {{- define "hello-birthday.databaseEnv" -}}
 - name: DATABASE_URL
+{{- if include "hello-birthday.iamAuthn" . }}
+  value: {{ printf "postgresql://%s@127.0.0.1:5432/%s" (include "hello-birthday.iamDatabaseUser" . | urlquery) (required "database.name is required" .Values.database.name) | quote }}
+{{- else }}
   valueFrom:
     secretKeyRef:
       name: {{ include "hello-birthday.databaseSecretName" . }}
       key: {{ .Values.database.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-template annotations that change when the database credentials do, so a
+change rolls the pods: the chart-made Secret's checksum, or database.secretRevision
+for a Secret made outside the chart. IAM authentication has no credential to change. */}}
+{{- define "hello-birthday.databaseRollout" -}}
+{{- if not (include "hello-birthday.iamAuthn" .) }}
+{{- if .Values.database.url }}
+checksum/database: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- else if .Values.database.secretRevision }}
+rollout/database-secret: {{ .Values.database.secretRevision | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Cloud SQL Auth Proxy as a native sidecar (an init container that keeps running).
@@ -101,7 +134,7 @@ default, the app's metrics port); tests/cloud_sql_proxy.py models them. */}}
 {{- if .Values.metrics.port }}{{ $taken = append $taken (int .Values.metrics.port) }}{{ end }}
 {{- if has $httpPort $taken }}
 {{- fail (printf "cloudSqlProxy.httpPort (%d) is taken in the pod: the app listens on 8080 and metrics.port (%d), the proxy itself on 5432" $httpPort (int .Values.metrics.port)) }}
-{{- end }}
+{{- end -}}
 - name: cloud-sql-proxy
   image: {{ $proxy.image }}
   restartPolicy: Always
@@ -113,6 +146,9 @@ default, the app's metrics port); tests/cloud_sql_proxy.py models them. */}}
     - --http-port={{ $httpPort }}
     {{- if $proxy.privateIp }}
     - --private-ip
+    {{- end }}
+    {{- if $proxy.autoIamAuthn }}
+    - --auto-iam-authn
     {{- end }}
     - {{ required "cloudSqlProxy.instanceConnectionName is required" $proxy.instanceConnectionName | quote }}
   ports:
