@@ -282,6 +282,8 @@ HELM_VALUE_SETS = {
                    "--set", "metrics.serviceMonitor.enabled=true",
                    "--set", "metrics.rules.managedPrometheus=true",
                    "--set", "metrics.rules.prometheusRule=true"],
+    # The restore Job, rendered only on demand (docs/deploy-gke.md, "Restore a backup").
+    "restore": ["-f", "helm/values/production.yaml", "--set", "restore.dump=latest"],
 }
 
 

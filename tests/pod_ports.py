@@ -8,7 +8,8 @@ what each program would really do:
   ConfigMap and literal env), the same parser the server starts with;
 - the Cloud SQL Auth Proxy: tests/cloud_sql_proxy.py, a model of the binary's flags,
   CSQL_PROXY_* environment and defaults;
-- the migration (alembic), the backup (pg_dump) and `helm test` (curl): no listener.
+- the migration (alembic), the backup (pg_dump), the restore (pg_restore) and
+  `helm test` (curl): no listener.
 Any other container is an error until it is modelled here.
 
 Which containers run at once follows Kubernetes' sidecar order: a native sidecar (an
@@ -79,6 +80,8 @@ def listeners(container: dict, app_image: str, config_maps: dict[str, dict]) -> 
         return []
     if name == "backup" and "pg_dump " in " ".join(command + args):
         return []  # the backup script: pg_dump and file housekeeping
+    if name == "restore" and "pg_restore " in " ".join(command + args):
+        return []  # the restore script: pg_restore of one dump
     if container["image"].rsplit("/", 1)[-1].startswith("curl:"):
         return []  # helm test's one request
     raise UnknownContainer(f"no listener model for container {name} ({container['image']}): "

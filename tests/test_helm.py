@@ -407,6 +407,71 @@ def test_the_backup_script_dumps_then_keeps_this_releases_newest_n(docs, tmp_pat
     assert foreign.exists()
 
 
+RESTORE_SETS = {"production": [*VALUE_SETS["production"], "--set", "restore.dump=latest"],
+                "development": [*VALUE_SETS["development"], "--set", "restore.dump=latest"]}
+
+
+@pytest.mark.parametrize("value_set", list(RESTORE_SETS))
+def test_the_restore_job_is_the_migrations_pod_running_pg_restore(value_set):
+    """docs/deploy-gke.md's restore: the migration's login, service account, proxy and
+    backup volume (read-only), one transaction; rendered only when asked for."""
+    docs = render(*RESTORE_SETS[value_set])
+    restore = find(docs, "Job", "-restore")["spec"]["template"]["spec"]
+    migrate = find(docs, "Job", "-migrate")["spec"]["template"]["spec"]
+    assert restore["serviceAccountName"] == migrate["serviceAccountName"]
+    assert [c for c in restore.get("initContainers", []) if c["name"] == "cloud-sql-proxy"] == \
+        [c for c in migrate["initContainers"] if c["name"] == "cloud-sql-proxy"]
+    (container,) = restore["containers"]
+    (migration,) = migrate["containers"]
+    database = [e for e in container["env"] if e["name"] == "DATABASE_URL"]
+    assert database == [e for e in migration["env"] if e["name"] == "DATABASE_URL"]
+    volume = lambda spec: next(v for v in spec["volumes"] if v["name"] == "backup")  # noqa: E731
+    assert volume(restore) == volume(migrate)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "backup"]
+    assert mount == {"name": "backup", "mountPath": "/backup", "readOnly": True}
+    assert "pg_restore --clean --if-exists --no-owner --single-transaction" in \
+        container["args"][0]
+    assert not [d for d in render(*RESTORE_SETS[value_set][:2])
+                if d["metadata"]["name"].endswith("-restore")]
+
+
+def test_the_restore_script_takes_the_named_or_this_releases_newest_dump(tmp_path):
+    """The rendered script, run by sh on a directory standing for the volume, with a
+    pg_restore that records its dump (the real one runs in nox -s gke-local)."""
+    volume, bin_dir = tmp_path / "backup", tmp_path / "bin"
+    volume.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "pg_restore").write_text('#!/bin/sh\nfor a; do last="$a"; done\n'
+                                        'echo "$last" > "$RESTORED"\n')
+    (bin_dir / "pg_restore").chmod(0o755)
+    names = ["hb-20200101T000000Z-rev1.dump", "hb-20200102T000000Z-rev2.dump",
+             "other-20200103T000000Z-rev1.dump"]
+    for age, name in enumerate(names):
+        (volume / name).write_text("dump")
+        os.utime(volume / name, (1_577_836_800 + age, 1_577_836_800 + age))
+    job = find(render(*RESTORE_SETS["production"]), "Job", "-restore")
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0].replace(
+        "/backup", str(volume))
+
+    def restore(dump: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "DATABASE_URL": "x",
+                                   "DUMP": dump, "RESTORED": str(tmp_path / "restored")})
+
+    assert restore("latest").returncode == 0  # this release's newest, not another's
+    assert (tmp_path / "restored").read_text().strip() == f"{volume}/{names[1]}"
+    assert restore(names[0]).returncode == 0
+    assert (tmp_path / "restored").read_text().strip() == f"{volume}/{names[0]}"
+    missing = restore("hb-20990101T000000Z-rev9.dump")
+    assert missing.returncode != 0 and all(name in missing.stderr for name in names)
+
+
+@pytest.mark.parametrize("dump", ["../etc/passwd", "x.sql", "a b.dump", "/backup/x.dump"])
+def test_a_restore_of_anything_but_a_dump_name_is_refused(dump):
+    result = template("--set", f"restore.dump={dump}")
+    assert result.returncode != 0 and "restore.dump" in result.stderr
+
+
 def server_major(docs: list[dict]) -> int:
     """The PostgreSQL major a value set's database runs: Cloud SQL as
     cloudrun/setup.sh creates it behind the proxy, else helm/dev-database.yaml."""
@@ -709,6 +774,8 @@ PORT_RULE_SETS = {**VALUE_SETS,
                   "monitoring": [*VALUE_SETS["production"], *MONITORING],
                   "public-ip": [*VALUE_SETS["production"],
                                 "--set", "cloudSqlProxy.privateIp=false"],
+                  # The restore Job, rendered on demand (docs/deploy-gke.md).
+                  "restore": [*VALUE_SETS["production"], "--set", "restore.dump=latest"],
                   # The proxy with a password Secret instead of IAM authentication.
                   "default-with-proxy": ["--set", "cloudSqlProxy.enabled=true", "--set",
                                          "cloudSqlProxy.instanceConnectionName=p:europe-west1:i",

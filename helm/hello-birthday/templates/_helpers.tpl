@@ -167,3 +167,23 @@ default, the app's metrics port); tests/cloud_sql_proxy.py models them. */}}
     {{- toYaml $proxy.resources | nindent 4 }}
 {{- end }}
 {{- end }}
+
+{{/* The volume the dumps live on: the claim, or the bucket mounted by GKE's Cloud
+Storage FUSE CSI driver. The migration Job writes there, the restore Job reads. */}}
+{{- define "hello-birthday.backupVolume" -}}
+{{- $backup := .Values.migration.backup -}}
+- name: backup
+  {{- if eq $backup.destination "pvc" }}
+  persistentVolumeClaim:
+    # Created once outside the chart (helm/backup-pvc.yaml): no Helm or
+    # ArgoCD operation owns it, so none can delete it or its dumps.
+    claimName: {{ required "migration.backup.pvc.existingClaim: create the claim once with helm/backup-pvc.yaml and name it here" $backup.pvc.existingClaim }}
+  {{- else }}
+  # The bucket itself: no gcloud image to pin, nothing copied twice.
+  csi:
+    driver: gcsfuse.csi.storage.gke.io
+    volumeAttributes:
+      bucketName: {{ required "migration.backup.gcs.bucket is required" $backup.gcs.bucket | quote }}
+      mountOptions: {{ printf "uid=%v,gid=%v" .Values.podSecurityContext.runAsUser .Values.podSecurityContext.runAsGroup | quote }}
+  {{- end }}
+{{- end }}
