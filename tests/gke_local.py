@@ -15,20 +15,24 @@ Development (helm/values/development.yaml; the chart's own Secret, a backup clai
    round trip, the metrics port, the chart's UID on a read-only root, and on
    SIGTERM /readyz turns 503 while requests are still served, then the process
    exits 0 within terminationGracePeriodSeconds.
-3. a second Job run backs up what the server wrote; docs/deploy-gke.md's restore
-   command brings it back.
+3. a second Job run backs up what the server wrote; after a later change,
+   docs/deploy-gke.md's restore (its `helm template` line, run as written) renders
+   the restore Job, whose pod restores that dump by name.
 
 Production (helm/values/production.yaml; every container of the pods):
 4. the Job pod: the Cloud SQL Auth Proxy native sidecar, the backup into the
-   bucket's mount, the migration, all through the proxy with the Secret created
-   out of band as docs/deploy-gke.md creates it.
+   bucket's mount, the migration, all through the proxy and logged in as the
+   pods' Google service account's IAM database user, with no password (a login
+   role made here as setup.sh makes it on Cloud SQL). The tables belong to it.
 5. the Deployment's pod: the proxy and the app. Checked: each container's
    startup probe where the kubelet sends it (the pod's IP), the app reaches the
    database through the sidecar (readiness, PUT/GET), the port the PodMonitoring
    names serves the app's metrics, every container still running, no listener
    lost its port. Then the same pod with the proxy's health port left at its
-   default (the defect of issue 21), and with the proxy on a port the app's
-   DATABASE_URL does not name: each must fail these checks.
+   default (the defect of issue 21) and its database port off DATABASE_URL's:
+   each check must fail for its own fault.
+6. the next deploy's Job dumps what the server wrote; the documented restore of
+   `latest` brings it back from the bucket, through the proxy.
 
 Kubelet behaviour this file does itself, because podman 4.3 does not: native
 sidecars (init containers with restartPolicy Always, Kubernetes 1.29+) and the
@@ -65,6 +69,7 @@ import base64
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -74,7 +79,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx2 as httpx
 import sqlalchemy as sa
@@ -86,7 +91,8 @@ from tests.conftest import DEFAULT_TEST_DATABASE_URL, ROOT, PostgresServer
 from tests.container_smoke import (IMAGE, PODMAN, base_image, build, ensure_base, ensure_engine,
                                    run)
 
-RELEASE = "hb"
+# The release name the docs use, so their commands run here as written.
+RELEASE = "hello-birthday"
 NAMESPACE = "hello-birthday"
 PG_DUMP_STAND_IN = "localhost/hello-birthday-pg-dump:stand-in"
 # kube play's containers are named <pod>-<container>.
@@ -96,6 +102,7 @@ SERVER_POD = "hb-server"
 POD_NETWORK = ipaddress.ip_network("10.231.76.0/30")
 HOST_SIDE, POD_IP = (str(address) for address in POD_NETWORK.hosts())
 HOST_IF, POD_IF = "hbgke0", "hbgke1"
+BUCKET_VOLUME = "hb-backup-bucket"
 
 
 _last = [time.monotonic()]
@@ -384,10 +391,11 @@ def schema_revision(url: str) -> str | None:
 
 
 def run_job(job: dict, own_network: bool = False) -> tuple[PodRun, str]:
-    """The Job's pod to completion: the migrate container must exit 0."""
+    """The Job's pod to completion: its (one) main container must exit 0."""
     pod = PodRun(JOB_POD, job["spec"]["template"], own_network)
     pod.start()
-    name = pod.container("migrate")
+    (main,) = job["spec"]["template"]["spec"]["containers"]
+    name = pod.container(main["name"])
     state = wait_exited(name, job["spec"]["activeDeadlineSeconds"])
     output = logs(name)
     assert state["ExitCode"] == 0, (state, output)
@@ -442,15 +450,48 @@ def check_job(docs: list[dict], url: str, pg_dump: str) -> None:
        f"schema at {HEAD}")
 
 
-RESTORE = 'pg_restore --clean --if-exists --no-owner --dbname="$DATABASE_URL"'
+def documented_restore(values: str, dump: str, *overrides: str) -> dict:
+    """docs/deploy-gke.md's restore: its `helm template` line run as written, with the
+    deployer's value set for "$HELM_VALUES", the dump chosen, and this machine's
+    image, database and pg_dump image after them. Returns the Job it renders."""
+    text = (ROOT / "docs" / "deploy-gke.md").read_text()
+    section = text.split("\n## Restore a backup\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    (line,) = [line for line in block.splitlines() if line.startswith("helm template")]
+    command = shlex.split(line.split("|", 1)[0])
+    assert command[2:4] == [RELEASE, "helm/hello-birthday"], command
+    assert "restore.dump=latest" in command and "$HELM_VALUES" in command, command
+    command = [helm() if arg == "helm" else
+               str(ROOT / "helm" / "values" / values) if arg == "$HELM_VALUES" else
+               f"restore.dump={dump}" if arg == "restore.dump=latest" else arg
+               for arg in command]
+    out = run(*command, *[arg for value in overrides for arg in ("--set", value)],
+              capture=True, cwd=ROOT)
+    (job,) = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    assert job["kind"] == "Job" and job["metadata"]["name"].endswith("-restore"), job
+    return job
 
 
-def restore(url: str, pg_dump: str, claim_name: str, dump: str) -> None:
-    """docs/deploy-gke.md's restore command, in the same client image, on the claim."""
-    readme = (ROOT / "docs" / "deploy-gke.md").read_text()
-    assert RESTORE.replace('"', '\\"') in readme, "docs/deploy-gke.md's restore command changed"
-    run(*PODMAN, "run", "--rm", "--network", "host", "-v", f"{claim_name}:/backup:ro",
-        "-e", f"DATABASE_URL={url}", pg_dump, "sh", "-c", f"{RESTORE} /backup/{dump}")
+def overwrite_users(url: str) -> None:
+    """A later change the restore must undo."""
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"),
+                              poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM users"))
+        connection.execute(sa.text(
+            "INSERT INTO users (username, date_of_birth) VALUES ('Later', '2000-01-01')"))
+    engine.dispose()
+
+
+def usernames_owner(url: str) -> str:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"),
+                              poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text(
+                "SELECT tableowner FROM pg_tables WHERE tablename = 'users'")).scalar()
+    finally:
+        engine.dispose()
 
 
 def usernames(url: str) -> set[str]:
@@ -463,9 +504,9 @@ def usernames(url: str) -> set[str]:
         engine.dispose()
 
 
-def check_restore(docs: list[dict], url: str, pg_dump: str) -> None:
+def check_restore(docs: list[dict], url: str, overrides: list[str]) -> None:
     """The next release's Job backs up the data the server wrote; after a later
-    change, the documented restore of that dump brings it back."""
+    change, the documented restore of that dump, by name, brings it back."""
     job = one(docs, "Job", "-migrate")
     claim_name = next(v["persistentVolumeClaim"]["claimName"]
                       for v in job["spec"]["template"]["spec"]["volumes"]
@@ -477,15 +518,11 @@ def check_restore(docs: list[dict], url: str, pg_dump: str) -> None:
     newest = max(mount.glob(f"{RELEASE}-*.dump"), key=lambda p: p.stat().st_mtime).name
     before = usernames(url)
     assert before == {"Pod"}, before
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"),
-                              poolclass=sa.pool.NullPool)
-    with engine.begin() as connection:
-        connection.execute(sa.text("DELETE FROM users"))
-        connection.execute(sa.text(
-            "INSERT INTO users (username, date_of_birth) VALUES ('Later', '2000-01-01')"))
-    engine.dispose()
-    restore(url, pg_dump, claim_name, newest)
+    overwrite_users(url)
+    restore = documented_restore("development.yaml", newest, *overrides)
+    _, output = run_job(restore)
     assert usernames(url) == before
+    assert f"restored /backup/{newest}" in output, output
     ok(f"the documented restore of {newest}")
 
 
@@ -630,13 +667,35 @@ def check_server(docs: list[dict]) -> None:
 
 # --- production ---------------------------------------------------------------------------
 
-def documented_database_address() -> tuple[str, int]:
-    """Host and port of the DATABASE_URL that docs/deploy-gke.md puts in the Secret."""
-    text = (ROOT / "docs" / "deploy-gke.md").read_text()
-    marker = "--from-literal=DATABASE_URL='"
-    assert marker in text, "docs/deploy-gke.md no longer creates the Secret with DATABASE_URL"
-    documented = urlsplit(text.split(marker, 1)[1].split("'", 1)[0])
-    return documented.hostname, documented.port
+def iam_database_user(server: PostgresServer, database: str, account: str) -> str:
+    """The Cloud SQL IAM user of a Google service account, as setup.sh makes it: a login
+    named for the account's email without ".gserviceaccount.com" (Cloud SQL's rule:
+    cloud.google.com/sql/docs/postgres/add-manage-iam-users), allowed to create in schema
+    public (PostgreSQL 15+ gives PUBLIC no CREATE there), with no password: here the
+    local server trusts it, as Cloud SQL trusts the proxy's IAM login."""
+    user = account.removesuffix(".gserviceaccount.com")
+    quoted = '"' + user.replace('"', '""') + '"'
+    CREATED_ROLES.append(user)
+    with server.admin.connect() as connection:
+        exists = connection.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :user"),
+                                    {"user": user}).scalar()
+        if not exists:
+            connection.execute(sa.text(f"CREATE ROLE {quoted} LOGIN"))
+    engine = sa.create_engine(server.url.set(database=database), isolation_level="AUTOCOMMIT",
+                              poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        connection.execute(sa.text(f"GRANT USAGE, CREATE ON SCHEMA public TO {quoted}"))
+    engine.dispose()
+    return user
+
+
+CREATED_ROLES: list[str] = []
+
+
+def drop_role(server: PostgresServer, user: str) -> None:
+    quoted = '"' + user.replace('"', '""') + '"'
+    with server.admin.connect() as connection:
+        connection.execute(sa.text(f"DROP ROLE IF EXISTS {quoted}"))
 
 
 def with_proxy_stand_in(template: dict, backend: str) -> dict:
@@ -671,10 +730,12 @@ def check_database_path(pod: PodRun, host: str, port: int) -> None:
                         f"points: {reached.stderr.strip().splitlines()[-1]}")
 
 
-def production_job(docs: list[dict], bucket_volume: str) -> dict:
-    """The Job with the bucket's CSI volume as a podman volume (the FUSE mount is a
-    directory to pg_dump; the driver and its injected sidecar exist only on GKE)."""
-    job = json.loads(json.dumps(one(docs, "Job", "-migrate")))
+def with_bucket_volume(job: dict, bucket_volume: str, backend: str) -> dict:
+    """A production Job (migration or restore) as it runs here: the bucket's CSI volume a
+    podman volume (the FUSE mount is a directory to pg_dump; the driver and its injected
+    sidecar exist only on GKE), the proxy its stand-in."""
+    job = json.loads(json.dumps(job))
+    job["spec"]["template"] = with_proxy_stand_in(job["spec"]["template"], backend)
     spec = job["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "backup"]
     assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io"
@@ -685,29 +746,33 @@ def production_job(docs: list[dict], bucket_volume: str) -> dict:
 
 def check_production(image: tuple[str, str], pg_dump: str, server: PostgresServer) -> None:
     repository, tag = image
-    docs = render("production.yaml", f"image.repository={repository}", f"image.tag={tag}",
-                  "image.digest=", "image.pullPolicy=Never", f"migration.backup.image={pg_dump}")
+    url = server.create_database().replace("postgresql+psycopg://", "postgresql://")
+    database = urlsplit(url).path.lstrip("/")
+    overrides = [f"image.repository={repository}", f"image.tag={tag}", "image.digest=",
+                 "image.pullPolicy=Never", f"migration.backup.image={pg_dump}",
+                 f"database.name={database}"]
+    docs = render("production.yaml", *overrides)
     print(f"\n*** the Cloud SQL Auth Proxy runs as a STAND-IN: tests/cloud_sql_proxy.py, "
           f"modelled on release {cloud_sql_proxy.MODELLED_VERSION}, listening where that release "
           "would for the rendered arguments and forwarding to the local PostgreSQL. ***\n",
           flush=True)
-    url = server.create_database().replace("postgresql+psycopg://", "postgresql://")
-    host, port = documented_database_address()
-    # The Secret made out of band, as docs/deploy-gke.md makes it: the proxy's address.
-    target = urlsplit(url)
-    in_pod = f"postgresql://{target.username}@{host}:{port}{target.path}"
+    # IAM database authentication: DATABASE_URL is a plain value naming the IAM user of
+    # the pods' Google service account at the proxy's listener; no Secret, no password.
     app_env = next(c for c in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
                    if c["name"] == "app")["env"]
-    reference = next(e for e in app_env if e["name"] == "DATABASE_URL")["valueFrom"]
-    load_secret(reference["secretKeyRef"]["name"], {reference["secretKeyRef"]["key"]: in_pod})
+    in_pod = urlsplit(next(e for e in app_env if e["name"] == "DATABASE_URL")["value"])
+    host, port = in_pod.hostname, in_pod.port
+    account = one(docs, "ServiceAccount", "-migrate")["metadata"]["annotations"][
+        "iam.gke.io/gcp-service-account"]
+    user = iam_database_user(server, database, account)
+    assert unquote(in_pod.username) == user and in_pod.password is None, in_pod
     config = one(docs, "ConfigMap")
     monitoring = one(docs, "PodMonitoring")
     backend = relay(url)
     # 4. The Job: proxy, backup into the bucket, migration, through the proxy.
-    job = production_job(docs, "hb-backup-bucket")
-    job_spec = job["spec"]["template"]["spec"]
-    bucket = claim_volume("hb-backup-bucket", job_spec["securityContext"]["fsGroup"])
-    job["spec"]["template"] = with_proxy_stand_in(job["spec"]["template"], backend)
+    job = with_bucket_volume(one(docs, "Job", "-migrate"), BUCKET_VOLUME, backend)
+    bucket = claim_volume(BUCKET_VOLUME, job["spec"]["template"]["spec"]["securityContext"]
+                          ["fsGroup"])
     pod, _ = run_job(job, own_network=True)
     proxy_logs = logs(pod.container("cloud-sql-proxy"))
     pod.remove()
@@ -715,9 +780,11 @@ def check_production(image: tuple[str, str], pg_dump: str, server: PostgresServe
     from app.schema import HEAD
     assert schema_revision(url) == HEAD
     assert f"Listening on {host}:{port}" in proxy_logs, proxy_logs
+    owner = usernames_owner(url)
+    assert owner == user, f"the users table belongs to {owner}, not the IAM user {user}"
     ok(f"production Job pod: the proxy sidecar passed its startup probe at "
-       f"{POD_IP}, {dump.name} in the bucket's mount, schema at {HEAD}, all through "
-       f"{host}:{port}")
+       f"{POD_IP}, {dump.name} in the bucket's mount, schema at {HEAD} owned by {user}, "
+       f"all through {host}:{port} without a password")
 
     # 5. The server pod: every container, probed at the pod's IP.
     template = with_proxy_stand_in(one(docs, "Deployment")["spec"]["template"], backend)
@@ -764,6 +831,22 @@ def check_production(image: tuple[str, str], pg_dump: str, server: PostgresServe
     finally:
         pod.remove()
 
+    # 6. The next deploy's Job dumps what the server wrote; after a later change, the
+    # documented restore of `latest` brings it back, through the proxy as the IAM user.
+    time.sleep(1)  # dump names carry the second
+    run_job(job, own_network=True)[0].remove()
+    before = usernames(url)
+    assert before == {"Prod"}, before
+    overwrite_users(url)
+    restore = with_bucket_volume(documented_restore("production.yaml", "latest", *overrides),
+                                 BUCKET_VOLUME, backend)
+    pod, output = run_job(restore, own_network=True)
+    pod.remove()
+    assert usernames(url) == before
+    newest = max(bucket.glob(f"{RELEASE}-*.dump"), key=lambda p: p.stat().st_mtime).name
+    assert f"restored /backup/{newest}" in output, output
+    ok(f"the documented restore of latest ({newest}) from the bucket, through the proxy")
+
 
 def main(parts: list[str]) -> int:
     ensure_engine()
@@ -782,9 +865,10 @@ def main(parts: list[str]) -> int:
     chart_pg_dump = next(c["image"] for c in chart_pg_dump["initContainers"]
                          if c["name"] == "backup")
     pg_dump = pg_dump_image(chart_pg_dump)
-    docs = render("development.yaml", f"database.url={url}", f"image.repository={repository}",
-                  f"image.tag={tag}", "image.pullPolicy=Never",
-                  f"migration.backup.image={pg_dump}", "migration.backup.keep=2")
+    overrides = [f"database.url={url}", f"image.repository={repository}", f"image.tag={tag}",
+                 "image.pullPolicy=Never", f"migration.backup.image={pg_dump}",
+                 "migration.backup.keep=2"]
+    docs = render("development.yaml", *overrides)
     load_chart_secret(one(docs, "Secret"))
     unknown = set(parts) - {"development", "production"}
     assert not unknown, f"gke-local runs development and/or production, not {unknown}"
@@ -792,13 +876,15 @@ def main(parts: list[str]) -> int:
         if "development" in parts:
             check_job(docs, url, pg_dump)
             check_server(docs)
-            check_restore(docs, url, pg_dump)
+            check_restore(docs, url, overrides)
         if "production" in parts:
             check_production((repository, tag), pg_dump, server)
     finally:
         remove_pod(JOB_POD)
         remove_pod(SERVER_POD)
         server.drop_all()
+        for role in CREATED_ROLES:  # after the databases that hold its grants
+            drop_role(server, role)
     stand_in = " (pg_dump on the Debian STAND-IN image)" if pg_dump == PG_DUMP_STAND_IN else ""
     print(f"\ngke-local: OK; the chart's migration Job and server pods ran in podman "
           f"with {IMAGE}{stand_in}, development and production values (the Cloud SQL Auth "
