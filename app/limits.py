@@ -6,10 +6,20 @@
 # (docs/api.md, "What a client controls").
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_LINES = 100
-# A connection must deliver each complete request head within this many seconds.
+# A connection must deliver each complete request head within this many
+# seconds, each body within this many seconds of its head (the application
+# answers 408 after BODY_READ_TIMEOUT, sooner), and take each response within
+# this many seconds of the server's first wait to send it.
 HEAD_TIMEOUT_SECONDS = 10.0
+BODY_TIMEOUT_SECONDS = 10.0
+SEND_TIMEOUT_SECONDS = 10.0
 # A PUT body larger than this is refused with 413.
 MAX_BODY_BYTES = 1024
+# Bytes a connection may send as one request's body, chunk framing included;
+# beyond, the connection is closed (the application has answered 413 by then).
+MAX_BODY_WIRE_BYTES = 64 * 1024
+# Requests a client may pipeline in one read; more, and the connection is closed.
+MAX_PIPELINED = 8
 # Client-controlled text in a log line or an echoed `instance` is cut at this
 # many characters: a 64-letter username (up to 4 code points each before NFC)
 # with its path fits.

@@ -2,13 +2,13 @@
 on a connection, and a drain before shutdown.
 
 uvicorn bounds neither the size of a request head (its httptools protocol
-keeps every header line it is sent) nor the time a client takes to send it,
-and it never closes a new connection that sends nothing. ``BoundedProtocol``
-adds those bounds around uvicorn's own protocol, through the extension point
-uvicorn offers for it (``Config(http=<asyncio.Protocol class>)``), using only
-the asyncio.Protocol interface of the protocol it wraps: it sees every byte
-before uvicorn's parser does, and refuses a head over MAX_HEAD_BYTES or
-MAX_HEADER_LINES with 431 before the parser holds it.
+keeps every header line it is sent) nor the time a client takes to send a
+request or to take its response, and it never closes a new connection that
+sends nothing. ``BoundedProtocol`` adds those bounds around uvicorn's own
+protocol, through the extension point uvicorn offers for it
+(``Config(http=<asyncio.Protocol class>)``), using only the asyncio.Protocol
+interface of the protocol it wraps: it sees every byte before uvicorn's
+parser does, and refuses what must never reach it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.errors import Problem, problem_document
-from app.limits import HEAD_TIMEOUT_SECONDS, MAX_BODY_BYTES, MAX_HEAD_BYTES, MAX_HEADER_LINES
+from app.framing import Framing, Phase, Refusal
+from app.limits import (BODY_TIMEOUT_SECONDS, HEAD_TIMEOUT_SECONDS, MAX_HEAD_BYTES,
+                        MAX_HEADER_LINES, SEND_TIMEOUT_SECONDS)
 
 logger = logging.getLogger("app.server")
 
@@ -47,17 +49,19 @@ def _refusal() -> bytes:
 class BoundedProtocol(asyncio.Protocol):
     """uvicorn's HTTP protocol, behind the bounds of docs/api.md's "What a client controls".
 
-    - A request head over MAX_HEAD_BYTES or MAX_HEADER_LINES: 431, closed.
-    - A head not complete HEAD_TIMEOUT_SECONDS after its first byte (or
-      after the connection opened, for the first request): closed.
-    - A new connection that sends nothing for the keep-alive time: closed
-      (uvicorn closes idle connections only after a response).
-
-    It follows the framing of each request just far enough to know where the
-    next head starts: a head ends at its blank line; a body is Content-Length
-    bytes long, or, chunked, ends at its last chunk. A chunked body that does
-    not end within MAX_BODY_BYTES + MAX_HEAD_BYTES closes the connection (the
-    service takes no body over MAX_BODY_BYTES anyway).
+    Every byte goes through app.framing.Framing first, which knows where each
+    request's head and body begin and end:
+    - a head over MAX_HEAD_BYTES or MAX_HEADER_LINES: 431 (for the connection's
+      first request; after one, its answer may still be due, so the connection
+      is just closed), never parsed;
+    - a body over MAX_BODY_WIRE_BYTES, more than MAX_PIPELINED requests in
+      one read, framing that cannot be followed, bytes after an Upgrade
+      request: closed;
+    - a head not complete HEAD_TIMEOUT_SECONDS after its first byte (after the
+      connection opened, for the first request), a body not complete
+      BODY_TIMEOUT_SECONDS after its head, a new connection silent for the
+      keep-alive time, a client that does not take a response for
+      SEND_TIMEOUT_SECONDS: closed.
     """
 
     inner_class: type[asyncio.Protocol] = HttpToolsProtocol
@@ -66,149 +70,85 @@ class BoundedProtocol(asyncio.Protocol):
         config: uvicorn.Config = kwargs["config"]
         self.keep_alive = float(config.timeout_keep_alive)
         self.inner = self.inner_class(**kwargs)
+        self.framing = Framing()
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.send_deadline: asyncio.TimerHandle | None = None
         self.opened = 0.0
-        self._next_head()
-
-    def _next_head(self) -> None:
-        self.head: list[bytes] = []
-        self.head_bytes = 0
-        self.head_lines = 0
-        self.tail = b""  # the last bytes seen: an end marker may span two reads
-        self.body_left = 0  # bytes of a Content-Length body still to come
-        self.chunked = False
-        self.chunked_bytes = 0
+        self.phase = Phase.IDLE
+        self.requests = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.opened = time.monotonic()
-        self._arm(min(self.keep_alive, HEAD_TIMEOUT_SECONDS))
+        self.deadline = self.loop.call_later(min(self.keep_alive, HEAD_TIMEOUT_SECONDS),
+                                             self._close)
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._follow(data):
-            self.inner.data_received(data)
+        refusal = self.framing.feed(data)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        phase, requests = self.framing.phase, self.framing.requests
+        if phase is not self.phase or requests != self.requests:
+            self._time(phase)
+            self.phase, self.requests = phase, requests
+        self.inner.data_received(data)
 
-    def _follow(self, data: bytes) -> bool:
-        """Walk ``data`` through heads and bodies; False when the connection was refused."""
-        offset = 0
-        while offset < len(data):
-            if self.body_left:
-                taken = min(self.body_left, len(data) - offset)
-                self.body_left -= taken
-                offset += taken
-                if not self.body_left:
-                    self._next_head()
-            elif self.chunked:
-                end = self._last_chunk(data, offset)
-                if end is None:
-                    return False
-                offset = end
-            else:
-                end = self._head(data, offset)
-                if end is None:
-                    return False
-                offset = end
-        return True
-
-    def _last_chunk(self, data: bytes, offset: int) -> int | None:
-        """Where the chunked body ends in ``data``, else len(data); None once it ran too long."""
-        seen = self.tail + data[offset:]
-        start = 0
-        while (end := seen.find(b"0\r\n\r\n", start)) >= 0:
-            # The last chunk, without trailers: its size line starts a line.
-            if seen[end - 2:end] == b"\r\n" if end >= 2 else (end == 0 and not self.chunked_bytes):
-                self._next_head()
-                return offset + end + 5 - len(self.tail)
-            start = end + 1
-        self.chunked_bytes += len(data) - offset
-        if self.chunked_bytes > MAX_BODY_BYTES + MAX_HEAD_BYTES:
-            self._close()
-            return None
-        self.tail = seen[-6:]
-        return len(data)
-
-    def _head(self, data: bytes, offset: int) -> int | None:
-        """Take the head bytes of ``data[offset:]``: where the head ends in ``data``,
-        else len(data); None when they pass the bound."""
-        if not self.head_bytes:  # the first byte of a head starts its deadline
-            started = self.opened or time.monotonic()
+    def _time(self, phase: Phase) -> None:
+        """The deadline of the part of a request the connection is now in."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if phase is Phase.HEAD:  # its first byte: from the connection's start for the first
+            started, self.opened = self.opened or time.monotonic(), 0.0
+            self.deadline = self.loop.call_later(
+                max(0.0, started + HEAD_TIMEOUT_SECONDS - time.monotonic()), self._close)
+        elif phase is Phase.BODY:
             self.opened = 0.0
-            self._arm(started + HEAD_TIMEOUT_SECONDS - time.monotonic())
-        seen = self.tail + data[offset:]
-        end = _head_end(seen)
-        part = data[offset:] if end < 0 else data[offset:offset + max(0, end - len(self.tail))]
-        self.head.append(part)
-        self.head_bytes += len(part)
-        self.head_lines += part.count(b"\n")
-        # The request line, and the blank line once there, are not header lines.
-        header_lines = self.head_lines - (1 if end < 0 else 2)
-        if self.head_bytes > MAX_HEAD_BYTES or header_lines > MAX_HEADER_LINES:
-            self._refuse()
-            return None
-        if end < 0:
-            self.tail = seen[-3:]
-            return len(data)
-        self._disarm()
-        head = b"".join(self.head).lower()
-        self._next_head()
-        if b"\ntransfer-encoding:" in head and b"chunked" in head:
-            self.chunked = True
-        else:
-            self.body_left = _content_length(head)
-        return offset + len(part)
+            self.deadline = self.loop.call_later(BODY_TIMEOUT_SECONDS, self._close)
+        else:  # between requests: uvicorn's keep-alive time runs after the response
+            self.opened = 0.0
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        for timer in (self.deadline, self.send_deadline):
+            if timer is not None:
+                timer.cancel()
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        # The client stopped taking what is sent: it has SEND_TIMEOUT_SECONDS to resume.
+        if self.send_deadline is None:
+            self.send_deadline = self.loop.call_later(SEND_TIMEOUT_SECONDS, self._abort)
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self.send_deadline is not None:
+            self.send_deadline.cancel()
+            self.send_deadline = None
         self.inner.resume_writing()
-
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self.timer = self.loop.call_later(max(0.0, seconds), self._close)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _refuse(self) -> None:
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # what is buffered for it would never be taken
+
+    def _refuse(self, refusal: Refusal) -> None:
         assert self.transport is not None  # nosec B101 - data comes after connection_made
         client = self.transport.get_extra_info("peername")
-        logger.warning("refused a request head over %d bytes or %d header lines from %s",
-                       MAX_HEAD_BYTES, MAX_HEADER_LINES, client[0] if client else "?")
-        self.transport.write(_refusal())
+        logger.warning("closed a connection from %s: %s", client[0] if client else "?",
+                       refusal.value)
+        if refusal is Refusal.HEAD_TOO_LARGE and self.framing.first_request:
+            self.transport.write(_refusal())  # else an earlier answer may still be due
         self._close()
-
-
-def _head_end(data: bytes) -> int:
-    """The index just past the blank line that ends a head, or -1."""
-    ends = [i + n for i, n in ((data.find(b"\r\n\r\n"), 4), (data.find(b"\n\n"), 2)) if i >= 0]
-    return min(ends) if ends else -1
-
-
-def _content_length(head: bytes) -> int:
-    """The body length a (lower-cased) head declares; 0 when none or unreadable
-    (the parser then refuses the request itself)."""
-    start = head.find(b"\ncontent-length:")
-    if start < 0:
-        return 0
-    value = head[start + 16:head.find(b"\n", start + 1)].strip()
-    return int(value) if value.isdigit() else 0
 
 
 def uvicorn_config(app: Any, host: str, port: int, keep_alive: float,
