@@ -8,6 +8,7 @@ holds the three equal.
 from __future__ import annotations
 
 from typing import NamedTuple
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -88,9 +89,10 @@ def problem_document(problem: Problem, instance: str | None = None) -> dict[str,
         "detail": problem.detail,
     }
     # A longer path (a 65 kB "username") is left out rather than cut into a
-    # path that is not it.
+    # path that is not it; the path is percent-encoded again, so the member is
+    # a URI reference and names exactly the path requested (%0A stays %0A).
     if instance and len(instance) <= MAX_ECHOED_CHARS:
-        body["instance"] = instance
+        body["instance"] = quote(instance, safe="/:@!$&'()*+,;=")
     # An extension member (RFC 9457, 3.2): the trace the request arrived with,
     # so support can go from a client's error to its log line.
     trace_id = tracing.current_trace_id()
@@ -124,11 +126,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         if "Allow" in headers:  # Route lists its methods from a set: in no fixed order
             headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
         exc = Problem(slug, detail, headers=headers)
-    return problem_response(exc, request.url.path)
+    return problem_response(exc, request.scope["path"])
 
 
 async def handle_database_unavailable(request: Request, exc: Exception) -> Response:
-    return problem_response(database_unavailable(), request.url.path)
+    return problem_response(database_unavailable(), request.scope["path"])
 
 
 EXCEPTION_HANDLERS = {

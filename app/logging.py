@@ -149,6 +149,16 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
 
 
 _PROTOCOLS = {version: f"HTTP/{version}" for version in ("1.0", "1.1", "2", "3")}
+# The status a request is logged and counted with when its client went away
+# before the answer could be sent (nginx's convention): nobody got an answer,
+# and it is nothing the service did wrong.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class _ClientGone(Exception):
+    """The server could not send the answer: the client's connection is gone."""
+
+
 # C0 and C1 controls, and the Unicode line and paragraph separators: a client
 # must not be able to start a new line in a text log.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -197,7 +207,10 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            try:
+                await send(message)
+            except Exception as exc:  # raised by the server: the connection is gone
+                raise _ClientGone from exc
 
         try:
             if len(scope["headers"]) > MAX_HEADER_LINES:
@@ -209,6 +222,8 @@ class AccessLogMiddleware:
                     scope, receive, send_and_record)
             else:
                 await self.app(scope, receive, send_and_record)
+        except _ClientGone:
+            status = CLIENT_CLOSED_REQUEST
         except Exception as exc:
             error = exc
             if not status:

@@ -22,7 +22,11 @@ def client_address(forwarded_for: str | None, peer: str, hops: int) -> str:
     entries = [entry.strip() for entry in forwarded_for.split(",")]
     if len(entries) < hops:
         return peer
+    entry = entries[-hops]
     try:  # written by the platform, so an address; anything else was not
-        return str(ipaddress.ip_address(entries[-hops]))
+        address = ipaddress.ip_address(entry) if len(entry) <= 45 else None
     except ValueError:
+        address = None
+    if address is None or getattr(address, "scope_id", None):  # "::1%<anything>" parses
         return peer
+    return str(address)

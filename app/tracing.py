@@ -46,8 +46,9 @@ def parse(traceparent: str | None, cloud_trace: str | None) -> Trace | None:
         trace_id, _, span = trace_part.partition("/")
         trace_id = trace_id.lower()
         if _is_hex(trace_id, 32):
-            # ASCII digits only: '²'.isdigit() is true, and int('²') raises.
-            decimal = span.isascii() and span.isdigit()
+            # ASCII digits only ('²'.isdigit() is true, and int('²') raises), and
+            # no more than a 64-bit number has (int() refuses over 4300 digits).
+            decimal = span.isascii() and span.isdigit() and len(span) <= 20
             span_id = f"{int(span):016x}" if decimal and 0 < int(span) < 2**64 else None
             return Trace(trace_id, span_id, options.strip() == "o=1")
     return None

@@ -23,15 +23,20 @@ MAX_RAW_USERNAME_LENGTH = USERNAME_MAX_LENGTH * 4
 _DATE_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
-# A name as people write it in any script: a letter (Unicode category L),
-# then letters and combining marks (category M: the vowel signs and viramas
-# of Devanagari and Tamil, Arabic harakat). The `regex` module reads these
-# properties, and Default_Ignorable_Code_Point, from the Unicode database;
-# the standard library has no Default_Ignorable.
-_NAME = regex.compile(r"\p{L}[\p{L}\p{M}]*")
 # Code points that render as nothing (soft hyphen, zero-width characters,
 # variation selectors, the Hangul fillers): a name of them looks empty.
+# Unicode's Default_Ignorable_Code_Point, from the `regex` module: the standard
+# library's unicodedata has no such property.
 _INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+
+
+def _written_as_a_name(name: str) -> bool:
+    """A letter (Unicode category L), then letters and combining marks (M: the
+    vowel signs and viramas of Devanagari and Tamil, Arabic harakat). Read
+    from the same Unicode database as the NFC normalisation, so a code point
+    that database does not know (category Cn) is no letter."""
+    category = unicodedata.category
+    return category(name[0])[0] == "L" and all(category(c)[0] in "LM" for c in name[1:])
 
 
 def parse_username(raw: str) -> str:
@@ -43,7 +48,7 @@ def parse_username(raw: str) -> str:
         raise _username_problem("is empty")
     if len(name) > USERNAME_MAX_LENGTH:
         raise _username_problem(f"is longer than {USERNAME_MAX_LENGTH} characters")
-    if not _NAME.fullmatch(name):
+    if not _written_as_a_name(name):
         raise _username_problem(
             "must start with a letter and hold only letters and combining marks")
     if _INVISIBLE.search(name):

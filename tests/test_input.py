@@ -7,6 +7,9 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as search_settings
+from hypothesis import strategies as st
 from starlette.requests import Request
 from starlette.testclient import TestClient
 
@@ -107,6 +110,9 @@ def test_a_usual_path_is_echoed_as_instance(client):
     ("6.6.6.6, 198.51.100.7", 0, "10.0.0.9"),               # trust nothing
     ("198.51.100.7", 2, "10.0.0.9"),                        # fewer entries than hops
     ("6.6.6.6, 198.51.100.7", 1, "198.51.100.7"),
+    ("::1%\x85{\"severity\":\"CRITICAL\"}" + "A" * 60_000, 1, "10.0.0.9"),  # a scope id
+    ("fe80::1%eth0", 1, "10.0.0.9"),
+    ("not-an-address", 1, "10.0.0.9"),
 ])
 def test_client_address_is_taken_from_the_right(header, hops, expected):
     assert client_address(header, "10.0.0.9", hops) == expected
@@ -304,3 +310,31 @@ def test_a_long_user_agent_is_cut_in_the_log(sqlite_url, clock, log_stream):  # 
     agent = line["httpRequest"]["userAgent"]
     assert agent.startswith("u" * MAX_LOGGED_USER_AGENT) and agent.endswith("(60000 characters)")
     assert len(log_stream.getvalue()) < 2000
+
+
+@pytest.mark.parametrize("path, instance", [
+    ("/hello/a%0Ab", "/hello/a%0Ab"), ("/hello/a%09b", "/hello/a%09b"),
+    ("/hello/a%20b", "/hello/a%20b"), ("/hello/a%E2%80%AEb", "/hello/a%E2%80%AEb"),
+    ("/hello/Zo%C3%AB1", "/hello/Zo%C3%AB1"),
+])
+def test_instance_is_the_path_requested_as_a_uri_reference(client, path, instance):
+    """Never another valid username (a%0Ab was echoed as ab), never a raw space or U+202E."""
+    assert assert_problem(client.get(path), 400)["instance"] == instance
+
+
+@pytest.mark.parametrize("span", ["1" * 4301, "0" * 5000 + "1", "2" * 21])
+def test_a_trace_span_id_too_long_for_a_number_is_dropped_not_a_500(span):
+    from app import tracing
+
+    trace = tracing.parse(None, "4bf92f3577b34da6a3ce929d0e0e4736/" + span)
+    assert trace is not None and trace.span_id is None
+
+
+@search_settings(max_examples=500, deadline=None)
+@given(traceparent=st.one_of(st.none(), st.text(max_size=80)),
+       cloud=st.one_of(st.none(), st.text(max_size=80), st.from_regex(
+           r"[0-9a-f]{32}/[0-9\u00b2\u0663]{0,40}(;o=[0-9])?", fullmatch=True)))
+def test_parsing_a_trace_header_never_raises(traceparent, cloud):
+    from app import tracing
+
+    tracing.parse(traceparent, cloud)
