@@ -16,6 +16,10 @@ from app import __version__
 DEFAULT_SQLITE_PATH = "hello-birthday.sqlite3"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "text")
+# DB_POOLER: nothing between the service and PostgreSQL, or a pooler (PgBouncer,
+# Cloud SQL Managed Connection Pooling) in session or transaction mode.
+POOLERS = ("none", "session", "transaction")
+KIND_NAMES: dict[object, str] = {int: "an integer", float: "a number"}
 
 
 N = TypeVar("N", int, float)
@@ -33,7 +37,15 @@ class Settings:
     port: int = 8080
     log_level: str = "INFO"
     log_format: str = "auto"
+    # PostgreSQL connections per process: at most db_pool_size, and
+    # db_pool_min_size kept while idle; one unused for db_pool_max_idle seconds
+    # above the minimum is closed (docs/capacity.md chooses the figures).
     db_pool_size: int = 10
+    db_pool_min_size: int = 2
+    db_pool_max_idle: float = 60.0
+    # What sits between the service and PostgreSQL: none, or a pooler in
+    # session or transaction mode (POOLERS).
+    db_pooler: str = "none"
     db_pool_timeout: float = 2.0
     db_statement_timeout: float = 5.0
     shutdown_drain_seconds: float = 0.0
@@ -119,7 +131,7 @@ def _number(env: Mapping[str, str], name: str, default: N, kind: Callable[[str],
         value = kind(raw)
     except ValueError:
         raise SettingsError(
-            f"{name} must be a {getattr(kind, '__name__', kind)}, got {raw!r}") from None
+            f"{name} must be {KIND_NAMES.get(kind, 'a number')}, got {raw!r}") from None
     if value != value or value < minimum or (maximum is not None and value > maximum):
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise SettingsError(f"{name} must be {bounds}, got {raw!r}")
@@ -145,13 +157,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         normalise_database_url(raw_url) if raw_url else f"sqlite:///{DEFAULT_SQLITE_PATH}"
     )
     host = env.get("HOST", "").strip() or Settings.host
+    pool = _number(env, "DB_POOL_SIZE", Settings.db_pool_size, int, 1, 1000)
     settings = Settings(
         database_url=database_url,
         host=host,
         port=_number(env, "PORT", 8080, int, 1, 65535),
         log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=_choice(env, "LOG_FORMAT", "auto", LOG_FORMATS, upper=False),
-        db_pool_size=_number(env, "DB_POOL_SIZE", 10, int, 1, 1000),
+        db_pool_size=pool,
+        # Unset, the default minimum, or all of a smaller pool.
+        db_pool_min_size=_number(env, "DB_POOL_MIN_SIZE", min(Settings.db_pool_min_size, pool),
+                                 int, 0, 1000),
+        db_pool_max_idle=_number(env, "DB_POOL_MAX_IDLE", Settings.db_pool_max_idle, float, 1,
+                                 86400),
+        db_pooler=_choice(env, "DB_POOLER", Settings.db_pooler, POOLERS, upper=False),
         db_pool_timeout=_number(env, "DB_POOL_TIMEOUT", 2.0, float, 0.1, 300),
         db_statement_timeout=_number(env, "DB_STATEMENT_TIMEOUT", 5.0, float, 0.1, 3600),
         shutdown_drain_seconds=_number(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, float, 0, 3600),
@@ -164,6 +183,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         build_version=env.get("BUILD_VERSION", "").strip() or __version__,
         build_revision=env.get("BUILD_REVISION", "").strip() or "unknown",
     )
+    if settings.db_pool_min_size > settings.db_pool_size:
+        raise SettingsError(f"DB_POOL_MIN_SIZE must be at most DB_POOL_SIZE "
+                            f"({settings.db_pool_size}), got {settings.db_pool_min_size}")
     if settings.metrics_port == settings.port:
         raise SettingsError(f"METRICS_PORT must differ from PORT ({settings.port}): the metrics "
                             "never share the public port; 0 turns them off")

@@ -37,6 +37,7 @@ def test_every_variable_is_read():
     settings = load_settings({
         "HOST": "127.0.0.1", "PORT": "9000", "LOG_LEVEL": "debug", "LOG_FORMAT": "JSON",
         "DB_POOL_SIZE": "4", "DB_POOL_TIMEOUT": "1.5", "DB_STATEMENT_TIMEOUT": "3",
+        "DB_POOL_MIN_SIZE": "3", "DB_POOL_MAX_IDLE": "30", "DB_POOLER": "Transaction",
         "SHUTDOWN_DRAIN_SECONDS": "5", "GOOGLE_CLOUD_PROJECT": "proj",
         "BODY_READ_TIMEOUT": "2.5", "KEEP_ALIVE_SECONDS": "620",
         "MAX_CONCURRENT_REQUESTS": "50", "FORWARDED_HOPS": "2", "METRICS_PORT": "9191",
@@ -50,6 +51,8 @@ def test_every_variable_is_read():
         "127.0.0.1", 9000, "DEBUG", "json")
     assert (settings.db_pool_size, settings.db_pool_timeout, settings.db_statement_timeout) == (
         4, 1.5, 3.0)
+    assert (settings.db_pool_min_size, settings.db_pool_max_idle, settings.db_pooler) == (
+        3, 30.0, "transaction")
     assert settings.shutdown_drain_seconds == 5.0
     assert settings.google_cloud_project == "proj"
     assert settings.db_call_timeout == 4.5
@@ -73,11 +76,28 @@ def test_metrics_are_on_by_default_and_never_on_the_public_port():
      ("LOG_LEVEL", "LOUD"), ("LOG_FORMAT", "xml"), ("DATABASE_URL", "mysql://db/app"),
      ("DATABASE_URL", "not a url"), ("DATABASE_URL", "sqlite://relative.db"),
      ("KEEP_ALIVE_SECONDS", "0"), ("MAX_CONCURRENT_REQUESTS", "-1"), ("FORWARDED_HOPS", "x"),
-     ("METRICS_PORT", "70000")],
+     ("METRICS_PORT", "70000"), ("DB_POOL_MIN_SIZE", "-1"), ("DB_POOL_MAX_IDLE", "0"),
+     ("DB_POOLER", "pgbouncer")],
 )
 def test_a_bad_value_is_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):
         load_settings({name: value})
+
+
+def test_a_number_that_is_not_one_is_named_by_its_kind():
+    with pytest.raises(SettingsError, match="DB_POOL_SIZE must be an integer, got 'ten'"):
+        load_settings({"DB_POOL_SIZE": "ten"})
+    with pytest.raises(SettingsError, match="DB_POOL_TIMEOUT must be a number, got 'soon'"):
+        load_settings({"DB_POOL_TIMEOUT": "soon"})
+
+
+def test_the_pool_keeps_a_small_minimum_within_its_size():
+    assert (load_settings({}).db_pool_min_size, load_settings({}).db_pool_size) == (
+        Settings.db_pool_min_size, Settings.db_pool_size)
+    assert load_settings({"DB_POOL_SIZE": "1"}).db_pool_min_size == 1  # all of a smaller pool
+    assert load_settings({"DB_POOL_SIZE": "8", "DB_POOL_MIN_SIZE": "8"}).db_pool_min_size == 8
+    with pytest.raises(SettingsError, match="DB_POOL_MIN_SIZE must be at most DB_POOL_SIZE"):
+        load_settings({"DB_POOL_SIZE": "4", "DB_POOL_MIN_SIZE": "5"})
 
 
 def test_python_m_app_stops_with_one_line_naming_the_variable():
