@@ -1,17 +1,17 @@
 """The database: connection pool and the three queries the service runs.
 
-The request path talks to PostgreSQL through a psycopg 3 async pool with
-prepared statements, and to the embedded SQLite file through the standard
-library in a worker thread. SQLAlchemy and SQLModel define the table
-(app/models.py) and drive the migrations, but are not imported here: the ORM
-layer cost most of the per-request time and half the start-up time in
-`nox -s bench`. Tests run these statements on both databases and check the
-table against the model.
+The request path talks to PostgreSQL through a psycopg 3 async pool, and to
+the embedded SQLite file through the standard library in a worker thread.
+SQLAlchemy and SQLModel define the table (app/models.py) and drive the
+migrations, but are not imported here: the ORM layer cost most of the
+per-request time in `nox -s bench` (docs/performance.md). Tests run these
+statements on both databases and check the table against the model.
 
 Every call is bounded on the client side by ``DB_POOL_TIMEOUT`` plus
 ``DB_STATEMENT_TIMEOUT`` (``Settings.db_call_timeout``; on PostgreSQL also by
 the server's ``statement_timeout``), and every way the database can fail
-surfaces as ``DatabaseUnavailable``, so the API answers 503, never 500 or a hang.
+surfaces as ``DatabaseUnavailable``, so the API answers 503, never 500 or a
+hang.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from app.settings import Settings
 
 if TYPE_CHECKING:  # imported lazily at run time: see PostgresDatabase
     from psycopg import AsyncConnection
-    from psycopg_pool import AsyncConnectionPool
 
 Params = tuple[object, ...]
 
@@ -144,29 +143,6 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(error).__name__
 
 
-def _make_pool_class() -> type[AsyncConnectionPool[AsyncConnection[Any]]]:
-    from psycopg_pool import AsyncConnectionPool
-    from psycopg_pool.base import AttemptWithBackoff
-
-    class CappedBackoff(AttemptWithBackoff):
-        # psycopg_pool doubles the wait between reconnection attempts without
-        # bound: after a 70 s outage the next attempt could be 64 s away, and
-        # requests got 503 for up to 47 s after the database was back.
-        MAX_DELAY = 0.5
-
-        def update_delay(self, now: float) -> None:
-            super().update_delay(now)
-            self.delay = min(self.delay, self.MAX_DELAY)
-
-    class Pool(AsyncConnectionPool):
-        async def _add_connection(self, attempt: AttemptWithBackoff | None = None,
-                                  growing: bool = False) -> None:
-            attempt = attempt or CappedBackoff(timeout=self.reconnect_timeout)
-            await super()._add_connection(attempt, growing=growing)
-
-    return Pool
-
-
 class PostgresDatabase:
     # The client's deadline on a statement sits this far above the server's
     # statement_timeout: the server's cancel arrives first and the connection
@@ -174,10 +150,21 @@ class PostgresDatabase:
     CLIENT_DEADLINE_MARGIN = 0.5
     # Readiness reads the schema on its own connection, bounded by this.
     READINESS_TIMEOUT = 1.0
+    # psycopg_pool retries a failed connection attempt with a doubling delay
+    # for reconnect_timeout seconds, then gives the slot up; a request that
+    # finds no connection then opens one at once. Kept short, the delay never
+    # grows past a second, so requests succeed within 2 s of the database's
+    # return after an outage of any length (docs/api.md, "Recovery").
+    RECONNECT_TIMEOUT = 1.0
+    # A connection used this recently is known good; checking it would cost a
+    # round trip on every request (HikariCP's aliveBypassWindowMs, same idea).
+    # One that died within the window fails its statement, which is retried.
+    CHECK_AFTER_IDLE_SECONDS = 1.0
 
     def __init__(self, settings: Settings) -> None:
         import psycopg
         from psycopg.pq import TransactionStatus
+        from psycopg_pool import AsyncConnectionPool
 
         self._psycopg = psycopg
         self._idle = TransactionStatus.IDLE
@@ -185,47 +172,61 @@ class PostgresDatabase:
         self.pool_size = settings.db_pool_size
         self.statement_timeout = settings.db_statement_timeout
         self.url = settings.libpq_url
+        self.pooler = settings.db_pooler
         self._readiness_connection: AsyncConnection[Any] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by open()
         self.stats = DatabaseStats()
         # When each pooled connection last proved good; weak, so a connection
         # the pool drops is forgotten with it.
         self._last_good: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self.pool = _make_pool_class()(
+        # Behind a transaction-mode pooler every statement may run on another
+        # server connection: no session state, no server-side prepared
+        # statement (PgBouncer before 1.21 cannot route them), and the statement
+        # timeout is set for each statement's own transaction, in the same
+        # message (one round trip: a multi-statement query is one transaction).
+        # Otherwise the session keeps the timeout, and statements are prepared.
+        self.per_statement_timeout = settings.db_pooler == "transaction"
+        self._prepare: bool | None = None if self.per_statement_timeout else True
+        self._set_timeout = f"statement_timeout = {int(settings.db_statement_timeout * 1000)}"
+        self._prefix = f"SET LOCAL {self._set_timeout}; " if self.per_statement_timeout else ""
+        # No startup parameter but those every pooler accepts (PgBouncer
+        # refuses `options`, which once carried the statement timeout).
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(2, int(settings.db_pool_timeout + 0.999)),
+            "application_name": "hello-birthday",
+        }
+        if self.per_statement_timeout:
+            # Client-side binding: the parameters travel inside the one simple
+            # query that carries SET LOCAL; psycopg never prepares on its own.
+            kwargs.update(prepare_threshold=None, cursor_factory=psycopg.AsyncClientCursor)
+        self._connect_kwargs = kwargs
+        self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             settings.libpq_url,
-            min_size=settings.db_pool_size,
+            min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_size,
+            max_idle=settings.db_pool_max_idle,
             open=False,
             timeout=settings.db_pool_timeout,
             max_lifetime=1800,
-            # Keep trying to reconnect for as long as the database is away
-            # (every half second at most: see CappedBackoff).
-            reconnect_timeout=365 * 24 * 3600,
+            reconnect_timeout=self.RECONNECT_TIMEOUT,
             name="hello-birthday",
-            configure=self._mark_fresh,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(2, int(settings.db_pool_timeout + 0.999)),
-                "options": f"-c statement_timeout={int(settings.db_statement_timeout * 1000)}",
-                "application_name": "hello-birthday",
-            },
+            configure=self._configure,
+            kwargs=kwargs,
         )
 
-    # A connection used this recently is known good; checking it would cost a
-    # round trip on every request (HikariCP's aliveBypassWindowMs, same idea).
-    # One that died within the window fails its statement, which is retried.
-    CHECK_AFTER_IDLE_SECONDS = 1.0
-
-    async def _mark_fresh(self, connection: AsyncConnection[Any]) -> None:
+    async def _configure(self, connection: AsyncConnection[Any]) -> None:
+        if not self.per_statement_timeout:  # the session is ours: set it once
+            await connection.execute(f"SET {self._set_timeout}")
         # Just connected: known good, so its first request skips the check.
         self._last_good[connection] = time.monotonic()
 
-    async def _checked_connection(self, always_check: bool = False) -> AsyncConnection[Any]:
+    async def _checked_connection(self, always_check: bool) -> AsyncConnection[Any]:
         """A pooled connection that is known to work.
 
         Stale connections (a database restart, a dropped TCP path) are found
         here and replaced, never handed to a request. Done here rather than
-        with the pool's ``check`` hook, which backs off a second after each
+        with the pool's ``check`` hook, which waits a second after each
         failed check and so turned one restart into a PoolTimeout.
         """
         deadline = time.monotonic() + self.pool_timeout
@@ -234,7 +235,7 @@ class PostgresDatabase:
             last_good = self._last_good.get(connection, 0.0)
             if not always_check and time.monotonic() - last_good <= self.CHECK_AFTER_IDLE_SECONDS:
                 return connection
-            watchdog = asyncio.get_running_loop().call_later(
+            watchdog = self._loop.call_later(
                 max(0.001, deadline - time.monotonic()), _sever, connection
             )
             try:
@@ -256,8 +257,7 @@ class PostgresDatabase:
         await self.pool.putconn(connection)
 
     async def open(self) -> None:
-        # The loop every statement's watchdog is set on, kept: on CPython 3.11
-        # asyncio.get_running_loop() is a getpid() system call each time.
+        # The loop every statement's watchdog is set on, looked up once.
         self._loop = asyncio.get_running_loop()
         # Do not wait: a database that is down at start-up shows in /readyz.
         await self.pool.open(wait=False)
@@ -267,41 +267,32 @@ class PostgresDatabase:
             await self._readiness_connection.close()
         await self.pool.close(timeout=5)
 
-    @staticmethod
-    def _conflict(error: Exception) -> bool:
-        """The server rolled the statement back for a conflict, or is going away."""
-        sqlstate = getattr(error, "sqlstate", None) or ""
-        return sqlstate[:2] in RETRY_SQLSTATE_CLASSES or sqlstate in RETRY_SQLSTATES
-
     def pool_stats(self) -> dict[str, int]:
         return dict(self.pool.get_stats())
 
     async def _execute(self, query: str, params: Params, fetch: bool) -> Any:
-        try:
+        """The statement, retried on a fresh connection up to MAX_RETRIES times."""
+        failure: Exception | None = None
+        for _ in range(MAX_RETRIES + 1):
+            if failure is not None:
+                logger.info("retrying on a fresh connection after %s", _describe(failure))
+                self.stats.retries += 1
             try:
-                result = await self._attempt(query, params, fetch, retry=False)
-            except _Retry as first:
-                result = await self._retry(query, params, fetch, first)
-        except DatabaseUnavailable:
-            self.stats.outcome("unavailable")
-            raise
-        except Exception:
-            self.stats.outcome("error")
-            raise
-        self.stats.outcome("ok")
-        return result
-
-    async def _retry(self, query: str, params: Params, fetch: bool, first: _Retry) -> Any:
-        """The statement again on a fresh connection, up to MAX_RETRIES times."""
-        failure = first
-        for _ in range(MAX_RETRIES):
-            logger.info("retrying on a fresh connection after %s", _describe(failure.error))
-            self.stats.retries += 1
-            try:
-                return await self._attempt(query, params, fetch, retry=True)
-            except _Retry as again:
-                failure = again
-        raise self._unavailable(failure.error) from failure.error
+                result = await self._attempt(query, params, fetch, retry=failure is not None)
+            except _Retry as retry:
+                failure = retry.error
+                continue
+            except DatabaseUnavailable:
+                self.stats.outcome("unavailable")
+                raise
+            except Exception:
+                self.stats.outcome("error")
+                raise
+            self.stats.outcome("ok")
+            return result
+        assert failure is not None  # nosec B101: the loop ran and every attempt failed
+        self.stats.outcome("unavailable")
+        raise self._unavailable(failure) from failure
 
     def _unavailable(self, error: BaseException) -> DatabaseUnavailable:
         logger.warning("database unavailable: %s", _describe(error))
@@ -319,10 +310,13 @@ class PostgresDatabase:
             self.statement_timeout + self.CLIENT_DEADLINE_MARGIN, _sever, connection
         )
         try:
-            cursor = await connection.execute(query, params, prepare=True)
+            cursor = await connection.execute(self._prefix + query, params, prepare=self._prepare)
+            if self.per_statement_timeout:
+                cursor.nextset()  # past SET LOCAL's result, to the statement's
             result = await cursor.fetchall() if fetch else cursor.rowcount
         except BaseException as error:
             self.stats.error(error)
+            sqlstate = getattr(error, "sqlstate", None) or ""
             # The server refused the statement on a healthy connection, or the
             # connection died (or is in a state nobody knows): then not reused.
             reusable = (
@@ -335,7 +329,8 @@ class PostgresDatabase:
             else:
                 await self._discard(connection)
             if isinstance(error, Exception) and is_unavailable(error):
-                if not reusable or self._conflict(error):
+                conflict = sqlstate[:2] in RETRY_SQLSTATE_CLASSES or sqlstate in RETRY_SQLSTATES
+                if not reusable or conflict:
                     raise _Retry(error) from error
                 raise self._unavailable(error) from error
             raise
@@ -361,7 +356,8 @@ class PostgresDatabase:
         """The alembic revisions stored, read on readiness's own connection.
 
         Never a pooled connection: a pool saturated by requests must not make
-        the probe wait (and the pod unready).
+        the probe wait (and the pod unready). Its timeout is set for the
+        query's own transaction, which every pooler mode keeps.
         """
         psycopg = self._psycopg
         connection = self._readiness_connection
@@ -369,9 +365,10 @@ class PostgresDatabase:
             if connection is None or connection.closed:
                 fresh: AsyncConnection[Any] = await asyncio.wait_for(
                     psycopg.AsyncConnection.connect(
-                        self.url, autocommit=True, connect_timeout=2,
-                        application_name="hello-birthday-readiness",
-                        options=f"-c statement_timeout={int(self.READINESS_TIMEOUT * 1000)}",
+                        self.url, **{**self._connect_kwargs, "connect_timeout": 2,
+                                     "application_name": "hello-birthday-readiness",
+                                     "prepare_threshold": None,
+                                     "cursor_factory": psycopg.AsyncClientCursor},
                     ),
                     self.READINESS_TIMEOUT + 2,
                 )
@@ -380,7 +377,10 @@ class PostgresDatabase:
                 self.READINESS_TIMEOUT + self.CLIENT_DEADLINE_MARGIN, _sever, connection
             )
             try:
-                cursor = await connection.execute(SCHEMA_REVISION)
+                cursor = await connection.execute(
+                    f"SET LOCAL statement_timeout = {int(self.READINESS_TIMEOUT * 1000)}; "
+                    + SCHEMA_REVISION)
+                cursor.nextset()
                 rows = await cursor.fetchall()
             finally:
                 watchdog.cancel()
