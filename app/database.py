@@ -113,6 +113,7 @@ UNAVAILABLE_SQLSTATE_CLASSES = {
     "XX": "internal error",
 }
 UNDEFINED_TABLE = "42P01"  # not migrated yet: nothing to serve from, not a bug
+READ_ONLY_SQLSTATE_CLASS = "25"
 # Worth a retry on a fresh connection: the connection died under the
 # statement (restart, failover, pg_terminate_backend), or the server rolled it
 # back for a conflict. All three statements are idempotent. Twice at most: a
@@ -156,6 +157,10 @@ class PostgresDatabase:
     # grows past a second, so requests succeed within 2 s of the database's
     # return after an outage of any length (docs/api.md, "Recovery").
     RECONNECT_TIMEOUT = 1.0
+    # A connection that reported the read-only state (SQLSTATE class 25) is not
+    # trusted for writes afterwards, nor are its siblings opened under the same
+    # setting: the pool is drained, at most this often during a read-only spell.
+    READ_ONLY_DRAIN_INTERVAL = 1.0
     # A connection used this recently is known good; checking it would cost a
     # round trip on every request (HikariCP's aliveBypassWindowMs, same idea).
     # One that died within the window fails its statement, which is retried.
@@ -175,6 +180,7 @@ class PostgresDatabase:
         self.pooler = settings.db_pooler
         self._readiness_connection: AsyncConnection[Any] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by open()
+        self._drained_at = float("-inf")
         self.stats = DatabaseStats()
         # When each pooled connection last proved good; weak, so a connection
         # the pool drops is forgotten with it.
@@ -298,6 +304,14 @@ class PostgresDatabase:
         logger.warning("database unavailable: %s", _describe(error))
         return DatabaseUnavailable(_describe(error))
 
+    async def _distrust_read_only(self) -> None:
+        """Replace the pool's connections: opened while the database was
+        read-only, they would refuse writes after it is writable again."""
+        now = time.monotonic()
+        if now - self._drained_at >= self.READ_ONLY_DRAIN_INTERVAL:
+            self._drained_at = now
+            await self.pool.drain()
+
     async def _attempt(self, query: str, params: Params, fetch: bool, retry: bool) -> Any:
         try:
             connection = await self._checked_connection(always_check=retry)
@@ -317,6 +331,8 @@ class PostgresDatabase:
         except BaseException as error:
             self.stats.error(error)
             sqlstate = getattr(error, "sqlstate", None) or ""
+            if sqlstate[:2] == READ_ONLY_SQLSTATE_CLASS:
+                await self._distrust_read_only()  # before the return below: it closes it
             # The server refused the statement on a healthy connection, or the
             # connection died (or is in a state nobody knows): then not reused.
             reusable = (

@@ -1,6 +1,6 @@
 """Database faults injected into a real PostgreSQL under a real server: no 500,
 back within 2 s of the database's return, no request lost to a killed
-connection. ../shared/API.md, sections Errors and Recovery."""
+connection. docs/api.md, sections Errors and Recovery."""
 
 from __future__ import annotations
 
@@ -133,6 +133,46 @@ def test_a_read_only_database_answers_503_for_writes_and_serves_reads(empty_post
     assert not [e for e in entries if e["severity"] == "ERROR"], live.output[-3000:]
     assert "Traceback" not in live.output
     assert any("SQLSTATE 25006" in e["message"] for e in entries)
+
+
+def test_writes_succeed_within_2s_of_the_database_becoming_writable_again(empty_postgres):
+    """The pool's sessions were opened while the database was read-only (its
+    default_transaction_read_only is read when a session starts), and the
+    database turns writable again without them being killed: writes must come
+    back within 2 s, in the same process. Before, the connections that had
+    reported the read-only state stayed in the pool and PUT was 503 until
+    max_lifetime (30 min) replaced them."""
+    database = make_url(empty_postgres).database
+    seed(empty_postgres, Reader="1990-01-01")
+    live = LiveServer(empty_postgres, DB_POOL_SIZE="4", DB_POOL_MIN_SIZE="4").start()
+    try:
+        admin(empty_postgres,
+              f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        kill_server_connections(empty_postgres)
+        with httpx.Client(base_url=live.url, timeout=10) as client:
+            spell = time.monotonic() + 3  # a read-only spell with traffic of both kinds
+            writes, reads = [], []
+            while time.monotonic() < spell:
+                writes.append(client.put("/hello/Writer", headers=JSON, content=BODY).status_code)
+                reads.append(client.get("/hello/Reader").status_code)
+                time.sleep(0.05)
+            writable(empty_postgres, database)  # no session killed: they stay read-only
+            back = time.monotonic()
+            while (status := client.put("/hello/Writer", headers=JSON,
+                                        content=BODY).status_code) != 204:
+                assert status == 503
+                assert time.monotonic() - back < 10, "writes not back after 10 s"
+                time.sleep(0.05)
+            recovered = time.monotonic() - back
+            after = [client.put("/hello/Writer", headers=JSON, content=BODY).status_code
+                     for _ in range(20)]
+    finally:
+        writable(empty_postgres, database)
+        live.stop()
+    print(f"\nwrites succeeded {recovered:.2f}s after the database became writable again")
+    assert set(writes) == {503} and set(reads) == {200}
+    assert recovered < 2.0
+    assert after == [204] * 20
 
 
 # --- connections killed under load --------------------------------------------------------
