@@ -11,19 +11,23 @@ Every call is bounded on the client side by ``DB_POOL_TIMEOUT`` plus
 ``DB_STATEMENT_TIMEOUT`` (``Settings.db_call_timeout``; on PostgreSQL also by
 the server's ``statement_timeout``), and every way the database can fail
 surfaces as ``DatabaseUnavailable``, so the API answers 503, never 500 or a
-hang.
+hang. A statement the service gave up on is cancelled, never left to take
+effect later (docs/api.md, "Recovery").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sqlite3
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app.settings import Settings
@@ -38,6 +42,11 @@ logger = logging.getLogger("app.database")
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
+
+
+class DatabaseLost(DatabaseUnavailable):
+    """This process's own database is gone or damaged (the embedded SQLite file
+    missing or corrupt): not an outage that passes, so readiness turns 503 too."""
 
 
 @dataclass
@@ -424,14 +433,54 @@ SQLITE_UPSERT = (
 )
 SQLITE_SELECT = "SELECT date_of_birth FROM users WHERE username = ?"
 SQLITE_DELETE = "DELETE FROM users WHERE username = ?"
+# sqlite3's exceptions for a statement of ours that is wrong: a bug, one 500.
+# Every other sqlite3 error (locked, I/O, full, interrupted, corrupt) is a 503.
+SQLITE_BUGS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError,
+               sqlite3.InterfaceError, sqlite3.NotSupportedError)
+SQLITE_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class _SqliteCall:
+    """One statement's life across the thread boundary.
+
+    The event loop gives up on it at ``deadline`` (a 503); the thread then
+    must change nothing. Before the thread commits it checks, under the lock,
+    that nobody gave up; once it is committing, the commit's outcome is the
+    answer. The lock makes those two moments exclusive.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.committing = False
+        self.connection: sqlite3.Connection | None = None
+
+    def abandon(self) -> bool:
+        """Give the statement up; False when its commit had already begun."""
+        with self.lock:
+            if self.committing:
+                return False
+            self.abandoned = True
+            if self.connection is not None:
+                self.connection.interrupt()  # a statement running now stops
+            return True
+
+    def remaining(self) -> float:
+        """Seconds left, at least a millisecond (sqlite's smallest wait)."""
+        return max(0.001, self.deadline - time.monotonic())
 
 
 class SqliteDatabase:
-    """The embedded mode: one short-lived stdlib connection per call, in a thread."""
+    """The embedded mode: one short-lived stdlib connection per call, in a thread.
+
+    The file is created by the migrations only: a deleted file is a lost
+    database (503, and readiness says so), never silently recreated empty.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.path = settings.sqlite_path
-        self.busy_timeout = settings.db_statement_timeout
+        self.uri = Path(self.path).absolute().as_uri() + "?mode=rw"
         self.timeout = settings.db_call_timeout
         self.stats = DatabaseStats()
 
@@ -444,23 +493,68 @@ class SqliteDatabase:
     async def close(self) -> None:
         return None
 
-    def _run(self, query: str, params: Params, fetch: bool) -> Any:
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+    def _run(self, call: _SqliteCall, query: str, params: Params, fetch: bool,
+             write: bool) -> Any:
+        # Every wait on a lock (sqlite's busy timeout) ends by the deadline.
+        connection = sqlite3.connect(self.uri, uri=True, timeout=call.remaining(),
+                                     isolation_level=None)
         try:
-            cursor = connection.execute(query, params)
-            return cursor.fetchall() if fetch else cursor.rowcount
+            with call.lock:
+                if call.abandoned:  # queued for a thread past the deadline
+                    raise TimeoutError("given up before the statement ran")
+                call.connection = connection
+            if not write:
+                cursor = connection.execute(query, params)
+                return cursor.fetchall() if fetch else cursor.rowcount
+            connection.execute("BEGIN IMMEDIATE")
+            rowcount = connection.execute(query, params).rowcount
+            with call.lock:
+                if call.abandoned:
+                    raise TimeoutError("given up before the commit")  # rolled back by close
+                call.committing = True
+            # The commit waits for readers at most until the deadline, too.
+            connection.execute(f"PRAGMA busy_timeout = {max(1, int(call.remaining() * 1000))}")
+            connection.execute("COMMIT")
+            return rowcount
         finally:
-            connection.close()
+            with call.lock:
+                call.connection = None
+            connection.close()  # an open transaction is rolled back
 
-    async def _execute(self, query: str, params: Params, fetch: bool) -> Any:
+    def _lost(self, error: sqlite3.Error) -> DatabaseLost | None:
+        code = getattr(error, "sqlite_errorcode", None)
+        if code in SQLITE_DAMAGED:
+            return DatabaseLost("the embedded SQLite database file is damaged")
+        if code == sqlite3.SQLITE_CANTOPEN and not os.path.exists(self.path):
+            return DatabaseLost("the embedded SQLite database file is missing")
+        return None
+
+    async def _execute(self, query: str, params: Params, fetch: bool, write: bool) -> Any:
+        call = _SqliteCall(time.monotonic() + self.timeout)
+        work = asyncio.ensure_future(asyncio.to_thread(self._run, call, query, params, fetch,
+                                                       write))
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await asyncio.to_thread(self._run, query, params, fetch)
-        except (sqlite3.OperationalError, TimeoutError) as error:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    result = await asyncio.shield(work)
+            except TimeoutError:
+                if call.abandon():
+                    raise
+                result = await work  # committing: its outcome is the answer
+            except BaseException:  # the request itself was cancelled
+                call.abandon()
+                raise
+        except (sqlite3.Error, TimeoutError) as error:
             self.stats.error(error)
+            if isinstance(error, SQLITE_BUGS):
+                self.stats.outcome("error")
+                raise
             self.stats.outcome("unavailable")
-            logger.warning("database unavailable: %s", type(error).__name__)
-            raise DatabaseUnavailable from error
+            logger.warning("database unavailable: %s", getattr(error, "sqlite_errorname", None)
+                           or type(error).__name__)
+            if isinstance(error, sqlite3.Error) and (lost := self._lost(error)):
+                raise lost from error
+            raise DatabaseUnavailable(type(error).__name__) from error
         except Exception as error:
             self.stats.error(error)
             self.stats.outcome("error")
@@ -469,18 +563,21 @@ class SqliteDatabase:
         return result
 
     async def upsert(self, username: str, date_of_birth: date) -> None:
-        await self._execute(SQLITE_UPSERT, (username, date_of_birth.isoformat()), fetch=False)
+        await self._execute(SQLITE_UPSERT, (username, date_of_birth.isoformat()), fetch=False,
+                            write=True)
 
     async def date_of_birth(self, username: str) -> date | None:
-        rows = await self._execute(SQLITE_SELECT, (username,), fetch=True)
+        rows = await self._execute(SQLITE_SELECT, (username,), fetch=True, write=False)
         return date.fromisoformat(rows[0][0]) if rows else None
 
     async def delete(self, username: str) -> bool:
-        return bool(await self._execute(SQLITE_DELETE, (username,), fetch=False) > 0)
+        return bool(await self._execute(SQLITE_DELETE, (username,), fetch=False, write=True) > 0)
 
     async def schema_revisions(self) -> set[str]:
         try:
-            rows = await self._execute(SCHEMA_REVISION, (), fetch=True)
+            rows = await self._execute(SCHEMA_REVISION, (), fetch=True, write=False)
+        except DatabaseLost:
+            raise
         except DatabaseUnavailable as error:
             if "no such table" in str(error.__cause__):
                 return set()  # never migrated

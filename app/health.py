@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from app.database import DatabaseUnavailable
+from app.database import DatabaseLost, DatabaseUnavailable
 from app.errors import Problem, problem_response
 from app.schema import schema_verdict
 
@@ -63,11 +63,14 @@ class Readiness:
     async def _read(self) -> None:
         try:
             revisions = await self.read_schema()
+        except DatabaseLost as lost:  # this process's own store: no outage that passes
+            reason: str | None = str(lost)
         except DatabaseUnavailable:
             if not self.schema_seen:
                 self.reason = "the database is unreachable"
             return  # seen good before: an outage is the requests' business
-        reason = schema_verdict(revisions)
+        else:
+            reason = schema_verdict(revisions)
         if reason != self.reason:
             logger.info("readiness: %s", reason or "the schema serves this release")
             if (reason is None) != (self.reason is None):
