@@ -4,6 +4,7 @@
     nox -s tests        pytest with coverage, on PostgreSQL and SQLite
     nox -s lint bandit audit safety licenses   the gates
     nox -s lock         re-pin every requirements/*.txt from its .in / pyproject.toml
+    nox -s capacity     what a request costs here (docs/capacity.md's figures)
 
 Versions live in the lock files under requirements/ (hash-checked), nowhere else.
 """
@@ -68,6 +69,8 @@ IMAGE_PYTHON = "3.11"
 def tests(session: nox.Session) -> None:
     """pytest with coverage on PostgreSQL (TEST_DATABASE_URL) and on SQLite."""
     install_locked(session, MAIN_LOCK, DEV_LOCK)
+    if os.environ.get("CI"):  # tests/test_pooler.py runs a real PgBouncer
+        apt_install(session, "pgbouncer", "pgbouncer")
     session.run(
         "pytest",
         "--cov",
@@ -77,12 +80,39 @@ def tests(session: nox.Session) -> None:
         "--ignore=tests/test_helm.py",  # run by `nox -s helm`, which provides helm
         "--ignore=tests/cloud",  # run by `nox -s cloudrun`, in a network namespace
         "--ignore=tests/test_alerts.py",  # run by `nox -s alerts`, which provides promtool
-        # Minutes-long tests (the 70 s outage) run once, on the image's Python;
-        # their shorter siblings run on every one.
-        *([] if session.python == IMAGE_PYTHON else ["-m", "not long"]),
+        # Minutes-long tests (the 70 s outage) and the PgBouncer ones run once,
+        # on the image's Python; their shorter siblings run on every one.
+        *([] if session.python == IMAGE_PYTHON else ["-m", "not long and not pooler"]),
         *session.posargs,
         env=test_database_env(),
     )
+
+
+def apt_install(session: nox.Session, command: str, package: str) -> None:
+    """A Debian package's command, installed when missing (the build machines have apt)."""
+    import shutil
+
+    if shutil.which(command) or os.path.exists(f"/usr/sbin/{command}"):
+        return
+    if not shutil.which("apt-get"):
+        session.error(f"{command} is not installed (Debian/Ubuntu: the {package} package)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
+    session.run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", package,
+                external=True, env=env)
+
+
+@nox.session
+def capacity(session: nox.Session) -> None:
+    """What a request costs here, docs/capacity.md's inputs: one process direct and with
+    SET LOCAL, growing the pool after an idle spell (frozen too, as Cloud Run throttles),
+    1/2/4 processes behind a real PgBouncer; on a PostgreSQL cluster of its own. Installs
+    wrk and PgBouncer when missing. Minutes of full load: not for a busy machine."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    apt_install(session, "wrk", "wrk")
+    apt_install(session, "pgbouncer", "pgbouncer")
+    session.run("python", "-m", "benchmarks.capacity", *session.posargs)
 
 
 @nox.session

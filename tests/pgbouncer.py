@@ -28,9 +28,9 @@ def _as_postgres() -> list[str]:
 
 
 def find_pgbouncer() -> str | None:
+    candidates = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")  # root's PATH has sbin
     return shutil.which("pgbouncer") or next(
-        (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(path, os.X_OK)),
-        None)
+        (path for path in candidates if os.access(path, os.X_OK)), None)
 
 
 def _pg_tool(name: str) -> str:

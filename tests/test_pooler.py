@@ -16,7 +16,6 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx2 as httpx
@@ -81,17 +80,19 @@ def seed(url: str) -> None:
         sql(url, "INSERT INTO users (username, date_of_birth) VALUES (%s, '1990-01-01')", name)
 
 
-@contextmanager
-def servers(cluster: Cluster, count: int = PROCESSES, **env: str) -> Iterator[list[LiveServer]]:
+@pytest.fixture(scope="module")
+def lives(cluster: Cluster) -> Iterator[list[LiveServer]]:
+    """Three processes with pools of 10, shared by the module's tests (each
+    start costs a second). A statement timeout of 0.5 s, the timeout test's."""
     env = {"DB_POOLER": "transaction", "DB_POOL_SIZE": "10", "DB_POOL_MIN_SIZE": "10",
-           "DB_POOL_TIMEOUT": "2", "DB_STATEMENT_TIMEOUT": "2", **env}
-    lives = [LiveServer(cluster.service_url(), **env) for _ in range(count)]
+           "DB_POOL_TIMEOUT": "2", "DB_STATEMENT_TIMEOUT": "0.5"}
+    started: list[LiveServer] = []
     try:
-        for live in lives:
-            live.start()
-        yield lives
+        for _ in range(PROCESSES):
+            started.append(LiveServer(cluster.service_url(), **env).start())
+        yield started
     finally:
-        for live in lives:
+        for live in started:
             live.stop()
 
 
@@ -114,7 +115,8 @@ class MixedLoad:
                 name = rng.choice(NAMES)
                 try:
                     if rng.random() < 0.1:
-                        born = f"19{rng.randrange(50, 99)}-0{rng.randrange(1, 9)}-1{rng.randrange(9)}"
+                        born = (f"19{rng.randrange(50, 99)}-0{rng.randrange(1, 9)}"
+                                f"-1{rng.randrange(9)}")
                         with self.lock:
                             self.put_dates[name].add(born)
                         status: int | str = client.put(
@@ -157,13 +159,13 @@ def backends(sampler: psycopg.Connection) -> list[tuple]:
                            ).fetchall()
 
 
-def test_three_processes_share_six_server_connections_under_mixed_load(cluster):
+def test_three_processes_share_six_server_connections_under_mixed_load(cluster, lives):
     url = cluster.direct
     seed(url)
     seen: list[list[tuple]] = []
-    with servers(cluster) as lives, psycopg.connect(url, autocommit=True) as sampler:
+    with psycopg.connect(url, autocommit=True) as sampler:
         with MixedLoad(lives) as load:
-            deadline = time.monotonic() + 6
+            deadline = time.monotonic() + 4
             while time.monotonic() < deadline:
                 seen.append(backends(sampler))
                 time.sleep(0.05)
@@ -181,7 +183,7 @@ def test_three_processes_share_six_server_connections_under_mixed_load(cluster):
     assert_rows_are_the_writes(url, load)
 
 
-def test_concurrent_upserts_for_one_name_from_three_processes_leave_one_row(cluster):
+def test_concurrent_upserts_for_one_name_from_three_processes_leave_one_row(cluster, lives):
     url = cluster.direct
     sql(url, "TRUNCATE users")
     births = [f"1990-01-{1 + i % 28:02d}" for i in range(90)]
@@ -191,50 +193,48 @@ def test_concurrent_upserts_for_one_name_from_three_processes_leave_one_row(clus
         statuses.append(httpx.put(f"{live.url}/hello/Same", headers=JSON, timeout=20,
                                   content=json.dumps({"dateOfBirth": born})).status_code)
 
-    with servers(cluster) as lives:
-        threads = [threading.Thread(target=put, args=(lives[i % PROCESSES], born))
-                   for i, born in enumerate(births)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
+    threads = [threading.Thread(target=put, args=(lives[i % PROCESSES], born))
+               for i, born in enumerate(births)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
     rows = sql(url, "SELECT username, date_of_birth::text FROM users")
     assert statuses == [204] * len(births)
     assert len(rows) == 1 and rows[0][0] == "Same" and rows[0][1] in births
 
 
-def test_the_statement_timeout_is_the_servers_behind_the_pooler(cluster):
+def test_the_statement_timeout_is_the_servers_behind_the_pooler(cluster, lives):
     """SET LOCAL in the statement's own transaction: the server cancels (57014)
     and the request answers 503 at the timeout, not at the client's deadline."""
     url = cluster.direct
     seed(url)
-    with servers(cluster, count=1, DB_STATEMENT_TIMEOUT="0.5") as (live,):
-        with psycopg.connect(url) as locker:
-            locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-            started = time.monotonic()
-            response = httpx.get(f"{live.url}/hello/{NAMES[0]}", timeout=10)
-            elapsed = time.monotonic() - started
-            locker.rollback()
-        after = httpx.get(f"{live.url}/hello/{NAMES[0]}", timeout=10).status_code
+    live = lives[0]
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        response = httpx.get(f"{live.url}/hello/{NAMES[0]}", timeout=10)
+        elapsed = time.monotonic() - started
+        locker.rollback()
+    after = httpx.get(f"{live.url}/hello/{NAMES[0]}", timeout=10).status_code
     assert response.status_code == 503 and elapsed < 1.0
     assert "SQLSTATE 57014" in live.output
     assert after == 200
 
 
-def test_killed_server_connections_cost_no_request(cluster):
+def test_killed_server_connections_cost_no_request(cluster, lives):
     url = cluster.direct
     seed(url)
     killed = 0
-    with servers(cluster) as lives:
-        with MixedLoad(lives, workers_per_server=4) as load:
-            for _ in range(6):
-                time.sleep(0.7)
-                killed += len(sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                       "WHERE datname = current_database() "
-                                       "AND pid <> pg_backend_pid()"))
-            time.sleep(0.5)
-        why = [line for live in lives for line in live.output.splitlines()
-               if "database unavailable" in line]
+    with MixedLoad(lives, workers_per_server=4) as load:
+        for _ in range(6):
+            time.sleep(0.6)
+            killed += len(sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()"))
+        time.sleep(0.5)
+    why = [line for live in lives for line in live.output.splitlines()
+           if "database unavailable" in line]
     print(f"\nkilled {killed} server connections behind PgBouncer in 6 rounds: "
           f"{len(load.outcomes)} requests, {len(load.failed)} failed")
     assert killed >= 12
@@ -243,31 +243,30 @@ def test_killed_server_connections_cost_no_request(cluster):
     assert_rows_are_the_writes(url, load)
 
 
-def test_the_database_going_away_behind_the_pooler_recovers_within_2s(cluster):
+def test_the_database_going_away_behind_the_pooler_recovers_within_2s(cluster, lives):
     """A restart under load, as PgBouncer sees one: every server connection reset,
     new ones refused for a second, then accepted. Requests that arrive while the
     database is away may answer 503, never 500; once it is back, requests succeed
     within 2 s on every process."""
     url = cluster.direct
     seed(url)
-    with servers(cluster) as lives:
-        with MixedLoad(lives, workers_per_server=3) as load:
-            time.sleep(1.0)
-            before = len(load.outcomes)
-            cluster.proxy.refuse()
-            time.sleep(1.0)
-            cluster.proxy.restore()
-            back = time.monotonic()
-            recovered = []
-            for live in lives:
-                while httpx.get(f"{live.url}/hello/{NAMES[0]}", timeout=10).status_code != 200:
-                    assert time.monotonic() - back < 10, "not back after 10 s"
-                    time.sleep(0.05)
-                recovered.append(time.monotonic() - back)
-            time.sleep(1.0)
-            after_recovery = len(load.outcomes)
-        late_failures = [status for status in load.outcomes[after_recovery:]
-                         if status not in (200, 204)]
+    with MixedLoad(lives, workers_per_server=3) as load:
+        time.sleep(1.0)
+        before = len(load.outcomes)
+        cluster.proxy.refuse()
+        time.sleep(1.0)
+        cluster.proxy.restore()
+        back = time.monotonic()
+        recovered = []
+        for live in lives:
+            while httpx.get(f"{live.url}/hello/{NAMES[0]}", timeout=10).status_code != 200:
+                assert time.monotonic() - back < 10, "not back after 10 s"
+                time.sleep(0.05)
+            recovered.append(time.monotonic() - back)
+        time.sleep(1.0)
+        after_recovery = len(load.outcomes)
+    late_failures = [status for status in load.outcomes[after_recovery:]
+                     if status not in (200, 204)]
     print(f"\nthe database away for 1 s behind PgBouncer: every process back "
           f"{max(recovered):.2f}s after it returned; {len(load.failed)} of {len(load.outcomes)} "
           "requests failed, all 503")
