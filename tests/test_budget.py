@@ -156,3 +156,17 @@ def test_the_capacity_doc_states_these_figures():
     assert f"maxReplicas {replicas}" in doc
     assert f"{gke('helm/values/production.yaml')} connections" in doc
     assert f"max_connections={SHARED_MAX_CONNECTIONS}" in doc
+
+
+def test_the_documented_pgbouncer_settings_are_the_ones_the_pooler_tests_run():
+    from tests.pgbouncer import PGBOUNCER_INI
+
+    doc = (ROOT / "docs" / "capacity.md").read_text()
+    block = doc.split("```ini\n", 1)[1].split("```", 1)[0]
+    documented = dict(line.split(" = ", 1) for line in block.splitlines()
+                      if line and not line.startswith(";"))
+    tested = dict(line.split(" = ", 1) for line in PGBOUNCER_INI.format(
+        target_port=0, port=0, root="", pool_mode="transaction", size=6, user="u").splitlines()
+        if " = " in line and not line.startswith(";"))
+    assert documented and all(tested[key] == value for key, value in documented.items()), \
+        (documented, tested)
