@@ -186,7 +186,6 @@ class PostgresDatabase:
         self.pool_size = settings.db_pool_size
         self.statement_timeout = settings.db_statement_timeout
         self.url = settings.libpq_url
-        self.pooler = settings.db_pooler
         self._readiness_connection: AsyncConnection[Any] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by open()
         self._drained_at = float("-inf")
