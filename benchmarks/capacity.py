@@ -230,13 +230,14 @@ class DelayingRelay:
     async def _serve(self) -> None:
         self.stop = asyncio.Event()
         self.relays: set[asyncio.Task] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
         server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
         self.ready.set()
         async with server:
             await self.stop.wait()
-        for task in self.relays:
-            task.cancel()
-        await asyncio.gather(*self.relays, return_exceptions=True)
+        for writer in self.writers:  # each pipe then sees its end and returns
+            writer.close()
+        await asyncio.wait(self.relays, timeout=5) if self.relays else None
 
     async def _relay(self, client_reader: asyncio.StreamReader,
                      client_writer: asyncio.StreamWriter) -> None:
@@ -245,6 +246,7 @@ class DelayingRelay:
         self.relays.add(task)
         task.add_done_callback(self.relays.discard)
         reader, writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.update((client_writer, writer))
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
