@@ -387,6 +387,8 @@ def main() -> int:
                         help="which of the three to run, comma-separated")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    # Stopped from outside (a timeout, CI), it still stops what it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not shutil.which("wrk"):
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2

@@ -167,8 +167,10 @@ def test_writes_succeed_within_2s_of_the_database_becoming_writable_again(empty_
             after = [client.put("/hello/Writer", headers=JSON, content=BODY).status_code
                      for _ in range(20)]
     finally:
-        writable(empty_postgres, database)
-        live.stop()
+        try:
+            writable(empty_postgres, database)
+        finally:
+            live.stop()
     print(f"\nwrites succeeded {recovered:.2f}s after the database became writable again")
     assert set(writes) == {503} and set(reads) == {200}
     assert recovered < 2.0
