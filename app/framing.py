@@ -66,7 +66,7 @@ class Framing:
         self._lines = 0
         self._tail = b""  # the last bytes of the current head: its end may span reads
         self._head: list[bytes] = []
-        self._body = 0  # wire bytes of the current body, framing included
+        self._body = 0  # wire bytes of the current chunked body, framing included
         self._left = 0  # bytes left of a Content-Length body or of a chunk
         self._line = b""  # a chunk-size line split across reads
 
@@ -89,10 +89,12 @@ class Framing:
                     else:
                         self._end_head()
             elif part is _Part.LENGTH:
+                # Counted, not bounded: a Content-Length body costs nothing to
+                # follow, and its deadline bounds it (the server's flow control
+                # bounds what is held of it).
                 taken = min(self._left, len(data) - offset)
                 offset += taken
                 self._left -= taken
-                self._count_body(taken)
                 if not self._left:
                     self._start_head()
             elif part is _Part.CHUNK_SIZE:

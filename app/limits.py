@@ -15,8 +15,9 @@ BODY_TIMEOUT_SECONDS = 10.0
 SEND_TIMEOUT_SECONDS = 10.0
 # A PUT body larger than this is refused with 413.
 MAX_BODY_BYTES = 1024
-# Bytes a connection may send as one request's body, chunk framing included;
-# beyond, the connection is closed (the application has answered 413 by then).
+# Bytes a connection may send as one request's chunked body, framing
+# included (each chunk costs the server a step to follow); beyond, the
+# connection is closed (the application has answered 413 by then).
 MAX_BODY_WIRE_BYTES = 64 * 1024
 # Requests a client may pipeline in one read; more, and the connection is closed.
 MAX_PIPELINED = 8

@@ -54,7 +54,7 @@ class BoundedProtocol(asyncio.Protocol):
     - a head over MAX_HEAD_BYTES or MAX_HEADER_LINES: 431 (for the connection's
       first request; after one, its answer may still be due, so the connection
       is just closed), never parsed;
-    - a body over MAX_BODY_WIRE_BYTES, more than MAX_PIPELINED requests in
+    - a chunked body over MAX_BODY_WIRE_BYTES, more than MAX_PIPELINED requests in
       one read, framing that cannot be followed, bytes after an Upgrade
       request: closed;
     - a head not complete HEAD_TIMEOUT_SECONDS after its first byte (after the

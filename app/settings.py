@@ -12,6 +12,7 @@ from typing import TypeVar
 from dataclasses import dataclass
 
 from app import __version__
+from app.limits import BODY_TIMEOUT_SECONDS
 
 DEFAULT_SQLITE_PATH = "hello-birthday.sqlite3"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -174,7 +175,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         db_pool_timeout=_number(env, "DB_POOL_TIMEOUT", 2.0, float, 0.1, 300),
         db_statement_timeout=_number(env, "DB_STATEMENT_TIMEOUT", 5.0, float, 0.1, 3600),
         shutdown_drain_seconds=_number(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, float, 0, 3600),
-        body_read_timeout=_number(env, "BODY_READ_TIMEOUT", 5.0, float, 0.1, 300),
+        # Below the server's own body deadline, so the client hears its 408.
+        body_read_timeout=_number(env, "BODY_READ_TIMEOUT", 5.0, float, 0.1,
+                                  BODY_TIMEOUT_SECONDS - 1),
         google_cloud_project=env.get("GOOGLE_CLOUD_PROJECT", "").strip() or None,
         keep_alive_seconds=_number(env, "KEEP_ALIVE_SECONDS", 5.0, float, 1, 3600),
         max_concurrent_requests=_number(env, "MAX_CONCURRENT_REQUESTS", 100, int, 0, 100_000),

@@ -133,7 +133,9 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(self.port),
-                    "HOST": "127.0.0.1", "DB_POOL_SIZE": str(pool_size), "LOG_FORMAT": "json"}
+                    "HOST": "127.0.0.1", "DB_POOL_SIZE": str(pool_size), "LOG_FORMAT": "json",
+                    # the whole pool open from the start, as the baseline's
+                    "DB_POOL_MIN_SIZE": str(pool_size)}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> float:

@@ -77,7 +77,9 @@ def test_metrics_are_on_by_default_and_never_on_the_public_port():
      ("DATABASE_URL", "not a url"), ("DATABASE_URL", "sqlite://relative.db"),
      ("KEEP_ALIVE_SECONDS", "0"), ("MAX_CONCURRENT_REQUESTS", "-1"), ("FORWARDED_HOPS", "x"),
      ("METRICS_PORT", "70000"), ("DB_POOL_MIN_SIZE", "-1"), ("DB_POOL_MAX_IDLE", "0"),
-     ("DB_POOLER", "pgbouncer")],
+     ("DB_POOLER", "pgbouncer"),
+     # the server closes a body 10 s after its head: the 408 must come first
+     ("BODY_READ_TIMEOUT", "10")],
 )
 def test_a_bad_value_is_refused_by_name(name, value):
     with pytest.raises(SettingsError, match=name):
