@@ -62,7 +62,7 @@ def serve(session: nox.Session) -> None:
 # CircleCI one per matrix job. The image runs IMAGE_PYTHON, chosen by
 # `nox -s bench-pythons` (docs/performance.md); the Dockerfile names it too.
 PYTHONS = ["3.11", "3.12", "3.13"]
-IMAGE_PYTHON = "3.11"
+IMAGE_PYTHON = "3.13"
 
 
 @nox.session(python=PYTHONS)

@@ -2,7 +2,7 @@
 
 Registries other than PyPI and Debian's cannot be reached from the build
 machines, so when the base image named in the Dockerfile cannot be pulled, a
-Debian bookworm root filesystem made with debootstrap (python3, python3-venv)
+Debian root filesystem of the base's release, made with debootstrap (python3, python3-venv)
 is imported under that name and the build runs with --pull-never. It says so
 loudly. CircleCI builds the real thing with docker and the real base.
 
@@ -46,6 +46,14 @@ def base_image() -> str:
     return match.group(1)
 
 
+def base_suite(base: str) -> str:
+    """The Debian release the base is built on (python:3.13.9-slim-trixie: trixie):
+    the stand-in is made from the same release, so it has the same Python minor."""
+    match = re.search(r"-(bookworm|trixie)$", base.split("@")[0])
+    assert match, f"the base {base} names its Debian release (…-slim-trixie)"
+    return match.group(1)
+
+
 def ensure_engine() -> None:
     if DOCKER:
         if not shutil.which("docker"):
@@ -63,7 +71,6 @@ def ensure_engine() -> None:
                  "none could be installed; this check cannot pass without one")
 
 
-STAND_IN_LABEL = "hello-birthday.stand-in=debootstrap-bookworm"
 
 
 def ensure_base(name: str) -> bool:
@@ -75,21 +82,22 @@ def ensure_base(name: str) -> bool:
     pulled = run(*PODMAN, "pull", "--quiet", name, check=False, capture=True)
     if pulled.returncode == 0:
         return False
+    suite = base_suite(name)
     print(f"\n*** {name} cannot be pulled here: building a STAND-IN base from Debian "
-          "bookworm (debootstrap, python3, python3-venv). The real base is built on "
+          f"{suite} (debootstrap, python3, python3-venv). The real base is built on "
           "CircleCI. ***\n", flush=True)
-    rootfs = ROOT / ".tools" / "rootfs-bookworm"
+    rootfs = ROOT / ".tools" / f"rootfs-{suite}"
     if not (rootfs / "usr" / "bin" / "python3").exists():
         if not shutil.which("debootstrap"):
             sys.exit("container: FAILED: the base cannot be pulled and debootstrap, which "
                      "would make a stand-in, is not installed")
         shutil.rmtree(rootfs, ignore_errors=True)
         rootfs.parent.mkdir(exist_ok=True)
-        run("debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm",
+        run("debootstrap", "--variant=minbase", "--include=python3,python3-venv", suite,
             str(rootfs), "http://deb.debian.org/debian")
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     run(*PODMAN, "import", "--change", "CMD [\"/bin/bash\"]", "--change",
-        f"LABEL {STAND_IN_LABEL}", "-", name, stdin=tar.stdout)
+        f"LABEL hello-birthday.stand-in=debootstrap-{suite}", "-", name, stdin=tar.stdout)
     tar.wait()
     return True
 
@@ -121,7 +129,8 @@ def main() -> int:
     base = base_image()
     stand_in = False if DOCKER else ensure_base(base)
     if stand_in:
-        print(f"*** building on the STAND-IN for {base} (debootstrap bookworm) ***", flush=True)
+        print(f"*** building on the STAND-IN for {base} (debootstrap {base_suite(base)}) ***",
+              flush=True)
     build(base)
     size = int(run(*PODMAN, "image", "inspect", "--format", "{{.Size}}", IMAGE,
                    capture=True).stdout.strip())

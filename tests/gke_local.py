@@ -198,9 +198,10 @@ def pg_dump_image(chart_image: str) -> str:
     if pullable(chart_image):
         return chart_image
     print(f"\n*** {chart_image} cannot be pulled here: the backup runs on a STAND-IN, "
-          "Debian bookworm's postgresql-client on the app's base. CircleCI and clusters "
-          "pull the real image. ***\n", flush=True)
-    base = base_image()
+          "Debian bookworm's postgresql-client (the major of this machine's server; the "
+          "real image is bookworm too). CircleCI and clusters pull the real image. ***\n",
+          flush=True)
+    base = "localhost/hello-birthday-stand-in:debian-bookworm"
     ensure_base(base)
     with tempfile.TemporaryDirectory() as context:
         Path(context, "Containerfile").write_text(
