@@ -1,23 +1,27 @@
 """Where each request on a connection begins and ends: HTTP/1.1 message framing
-(RFC 9112, 6-7), followed just far enough to hold a client to its bounds.
+(RFC 9112, 2.2 and 6-7), followed just far enough to hold a client to its bounds.
 
 ``Framing`` reads the bytes a connection receives, in pieces of any size, and
 knows at every moment whether it is inside a request head, inside a body, or
 between requests. It never buffers more than one head (MAX_HEAD_BYTES), and
-every search it makes is bounded by what the current part may still hold, so
-its work is linear in the bytes it is given. It does not parse what the
-parser behind it parses (header values, the request line); it refuses what
-must not reach that parser at all.
+every search it makes is bounded by what the current part may still hold and
+moves forward, so its work is linear in the bytes it is given. It does not
+parse what the parser behind it parses (header values, the request line); it
+refuses what must not reach that parser at all. Where the two could disagree
+it follows the parser (uvicorn's httptools, llhttp): empty lines before a
+request are skipped, and the rest of a read after a request that asks to
+change protocols is dropped.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 
-from app.limits import MAX_BODY_WIRE_BYTES, MAX_HEAD_BYTES, MAX_HEADER_LINES, MAX_PIPELINED
+from app.limits import (MAX_BODY_WIRE_BYTES, MAX_CHUNK_LINE, MAX_HEAD_BYTES, MAX_HEADER_LINES,
+                        MAX_PIPELINED)
 
-# A chunk-size line (size and extensions) longer than this is not one.
-MAX_CHUNK_LINE = 1024
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,16}")  # RFC 9112, 7.1: 1*HEXDIG, no sign, no prefix
 
 
 class Phase(enum.Enum):
@@ -31,7 +35,6 @@ class Refusal(enum.Enum):
     BODY_TOO_LARGE = "the request body is over the bound"
     PIPELINED = "too many requests in one read"
     MALFORMED = "the request's framing cannot be followed"
-    AFTER_UPGRADE = "bytes after a request to change protocols"
 
 
 class _Part(enum.Enum):
@@ -41,7 +44,6 @@ class _Part(enum.Enum):
     CHUNK_DATA = 3
     CHUNK_END = 4
     TRAILERS = 5
-    UPGRADED = 6
 
 
 class Framing:
@@ -51,7 +53,6 @@ class Framing:
         # Whether the head being refused was the connection's first request: only
         # then may the refusal be answered (earlier ones may still be in flight).
         self.first_request = True
-        self._upgraded = False
         self._start_head()
 
     @property
@@ -61,8 +62,9 @@ class Framing:
         return Phase.BODY
 
     def _start_head(self) -> None:
-        self._part = _Part.UPGRADED if self._upgraded else _Part.HEAD
-        self._size = 0  # bytes of the current head (or trailers)
+        self._part = _Part.HEAD
+        self._size = 0  # bytes of the current head (or trailers), empty lines before it too
+        self._started = False  # the request line has begun
         self._lines = 0
         self._tail = b""  # the last bytes of the current head: its end may span reads
         self._head: list[bytes] = []
@@ -86,8 +88,8 @@ class Framing:
                     heads += 1
                     if heads > MAX_PIPELINED:
                         self.refusal = Refusal.PIPELINED
-                    else:
-                        self._end_head()
+                    elif self._end_head():
+                        break  # the parser drops the rest of this read (see _end_head)
             elif part is _Part.LENGTH:
                 # Counted, not bounded: a Content-Length body costs nothing to
                 # follow, and its deadline bounds it (the server's flow control
@@ -109,16 +111,27 @@ class Framing:
                     self._line = b""
             elif part is _Part.CHUNK_END:
                 offset = self._take_chunk_end(data, offset)
-            elif part is _Part.TRAILERS:
+            else:  # TRAILERS
                 offset, done = self._take_head(data, offset, MAX_HEADER_LINES + 1)
                 if done:
                     self._start_head()
-            else:  # UPGRADED: the parser behind takes no more bytes on this connection
-                self.refusal = Refusal.AFTER_UPGRADE
         return self.refusal
 
     def _take_head(self, data: bytes, offset: int, max_lines: int) -> tuple[int, bool]:
         """Take head bytes from ``data[offset:]``; (new offset, whether the head ended)."""
+        if self._part is _Part.HEAD and not self._started:
+            # Empty lines before a request line are skipped (RFC 9112, 2.2), as
+            # the parser skips them: they start the head's deadline, never end it.
+            start = offset
+            while offset < len(data) and data[offset] in b"\r\n":
+                offset += 1
+            self._size += offset - start
+            if self._size > MAX_HEAD_BYTES:
+                self.refusal = Refusal.HEAD_TOO_LARGE
+                return offset, False
+            if offset == len(data):
+                return offset, False
+            self._started = True
         room = MAX_HEAD_BYTES - self._size
         window = min(len(data), offset + room + 1)  # one byte past the bound shows it passed
         end = -1
@@ -148,24 +161,28 @@ class Framing:
             return stop, False
         return end, True
 
-    def _end_head(self) -> None:
+    def _end_head(self) -> bool:
+        """Set up for what follows the head; True when the rest of the read is
+        dropped: after a request asking to change protocols (an Upgrade, or
+        CONNECT), the parser stops at the head, serves the request, and reads
+        the next read afresh."""
         self.requests += 1
         head = b"".join(self._head).lower()
-        if b"\nupgrade:" in head and _has_token(head, b"\nconnection:", b"upgrade"):
-            # uvicorn's parser reads nothing more on a connection after such a
-            # request, whatever its answer: what comes after is refused here.
-            self._upgraded = True
         self._start_head()
+        if head.startswith(b"connect ") or (
+                b"\nupgrade:" in head and _has_token(head, b"\nconnection:", b"upgrade")):
+            return True
         if b"\ntransfer-encoding:" in head:
             if _has_token(head, b"\ntransfer-encoding:", b"chunked"):
                 self._part = _Part.CHUNK_SIZE
-            return  # another coding: the parser refuses the request itself
+            return False  # another coding: the parser refuses the request itself
         length = _header(head, b"\ncontent-length:")
         if length is None or not length.isdigit():
-            return  # none, or not one whole number: the parser refuses the latter itself
+            return False  # none, or not one whole number: the parser refuses the latter itself
         self._left = int(length)
         if self._left:
             self._part = _Part.LENGTH
+        return False
 
     def _count_body(self, size: int) -> None:
         self._body += size
@@ -183,11 +200,10 @@ class Framing:
             return stop
         size = self._line.split(b";", 1)[0].strip()
         self._line = b""
-        try:
-            self._left = int(size, 16)
-        except ValueError:
+        if not _CHUNK_SIZE.fullmatch(size):
             self.refusal = Refusal.MALFORMED
             return stop
+        self._left = int(size, 16)
         if self._left:
             self._part = _Part.CHUNK_DATA
         else:  # the last chunk: trailers, then a blank line

@@ -19,8 +19,12 @@ MAX_BODY_BYTES = 1024
 # included (each chunk costs the server a step to follow); beyond, the
 # connection is closed (the application has answered 413 by then).
 MAX_BODY_WIRE_BYTES = 64 * 1024
-# Requests a client may pipeline in one read; more, and the connection is closed.
-MAX_PIPELINED = 8
+# A chunk-size line (the size and its extensions) longer than this is not one.
+MAX_CHUNK_LINE = 1024
+# Requests that may arrive in one read: a client keeping more than this many
+# pipelined requests on the wire is cut (each is queued with its state until
+# the ones before it are answered).
+MAX_PIPELINED = 64
 # Client-controlled text in a log line or an echoed `instance` is cut at this
 # many characters: a 64-letter username (up to 4 code points each before NFC)
 # with its path fits.

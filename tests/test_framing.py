@@ -132,17 +132,37 @@ def test_a_chunked_body_is_bounded_on_the_wire():
     assert follow(one_byte_chunks).refusal is Refusal.BODY_TOO_LARGE
 
 
-@pytest.mark.parametrize("framing", [b"zz\r\n", b"3\r\nabcX\r\n", b"1" * 2000])
+@pytest.mark.parametrize("framing", [b"zz\r\n", b"3\r\nabcX\r\n", b"1" * 2000,
+                                     # int(x, 16) takes these; RFC 9112's 1*HEXDIG does not
+                                     b"-4\nX", b"+5\r\nabcde\r\n", b"0x5\r\n", b"1_0\r\n",
+                                     b"12345678901234567\r\n"])
 def test_chunk_framing_that_cannot_be_followed_is_refused(framing):
     start = b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert follow(start + framing).refusal is Refusal.MALFORMED
 
 
-def test_bytes_after_an_upgrade_request_are_refused():
-    upgrade = b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: foo\r\n\r\n"
-    framing = follow(upgrade)
-    assert (framing.requests, framing.refusal) == (1, None)
-    assert framing.feed(b"anything") is Refusal.AFTER_UPGRADE
+@pytest.mark.parametrize("request_head", [
+    b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: foo\r\n\r\n",
+    b"GET / HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n",
+    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+])
+def test_the_rest_of_a_read_after_an_upgrade_request_is_dropped_as_the_parser_drops_it(
+        request_head):
+    """llhttp stops at such a head; uvicorn serves the request and parses the
+    next read afresh (RFC 9110, 7.8: a server may ignore Upgrade)."""
+    framing = follow(request_head + b"garbage the parser never sees\r\n\r\n" * 3)
+    assert (framing.requests, framing.phase, framing.refusal) == (1, Phase.IDLE, None)
+    framing.feed(GET)
+    assert (framing.requests, framing.phase, framing.refusal) == (2, Phase.IDLE, None)
+
+
+def test_empty_lines_before_a_request_are_skipped_and_never_end_a_head():
+    """RFC 9112, 2.2; '\\r\\n\\r\\n' alone is no request, and starts the head's deadline."""
+    framing = follow(b"\r\n\r\n\n")
+    assert (framing.requests, framing.phase) == (0, Phase.HEAD)
+    framing.feed(GET)
+    assert (framing.requests, framing.phase) == (1, Phase.IDLE)
+    assert follow(b"\r\n" * (MAX_HEAD_BYTES // 2 + 1)).refusal is Refusal.HEAD_TOO_LARGE
 
 
 def test_other_codings_and_unreadable_lengths_are_left_to_the_parser():
@@ -150,3 +170,48 @@ def test_other_codings_and_unreadable_lengths_are_left_to_the_parser():
     for head in (b"PUT / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
                  b"PUT / HTTP/1.1\r\nContent-Length: 28, 28\r\n\r\n"):
         assert follow(head).phase is Phase.IDLE
+
+
+class _Parser:
+    """uvicorn's parser (httptools, llhttp), counting the heads it completes."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.heads = 0
+        self.parser = httptools.HttpRequestParser(self)
+
+    def on_headers_complete(self) -> None:
+        self.heads += 1
+
+    def feed(self, data: bytes) -> bool:
+        """False once the parser gave up on the connection (an error, or an upgrade)."""
+        import httptools
+
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return False
+        return True
+
+
+@settings(max_examples=400, deadline=2000)
+@given(st.lists(requests, min_size=1, max_size=MAX_PIPELINED), st.data())
+def test_the_follower_never_falls_behind_the_parser_on_mutated_streams(stream, data):
+    """Whatever bytes arrive, each head the parser starts is one the follower
+    counts (so no head escapes the bounds), and following always ends."""
+    joined = bytearray(b"".join(stream))
+    for _ in range(data.draw(st.integers(0, 4))):
+        at = data.draw(st.integers(0, len(joined)))
+        joined[at:at] = data.draw(st.sampled_from(
+            [b"\r\n", b"\n", b"\r\n\r\n", b"0", b"-", b";", b"\r\n0\r\n\r\n", b"x",
+             b"GET / HTTP/1.1\r\n\r\n", b"Content-Length: 3\r\n"]))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(joined)), max_size=8)))
+    pieces = [bytes(joined[a:b]) for a, b in zip([0, *cuts], [*cuts, len(joined)])]
+    parser, framing = _Parser(), Framing()
+    for piece in pieces:
+        if framing.feed(piece) is not None:
+            break
+        if not parser.feed(piece):
+            break
+        assert parser.heads <= framing.requests
