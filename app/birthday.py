@@ -13,7 +13,7 @@ def birthday_in_year(date_of_birth: date, year: int) -> date:
     """
     if date_of_birth.month == 2 and date_of_birth.day == 29 and not calendar.isleap(year):
         return date(year, 2, 28)
-    return date(year, date_of_birth.month, date_of_birth.day)  # replace() is twice as slow
+    return date(year, date_of_birth.month, date_of_birth.day)
 
 
 def days_until_birthday(date_of_birth: date, today: date) -> int:

@@ -58,9 +58,6 @@ class CloudLoggingFormatter(logging.Formatter):
         self.project = project
 
     def format(self, record: logging.LogRecord) -> str:
-        http_request = getattr(record, "http_request", None)
-        if http_request is not None and not record.exc_info:
-            return self.access_line(record, http_request)
         return self.encoder.encode(self.entry(record))
 
     def entry(self, record: logging.LogRecord) -> dict[str, object]:
@@ -87,30 +84,6 @@ class CloudLoggingFormatter(logging.Formatter):
         }
         return entry
 
-    def access_line(self, record: logging.LogRecord, http_request: dict[str, object]) -> str:
-        """What ``encoder.encode(entry(record))`` writes for an access record,
-        from a template: a third of its cost, one line per request
-        (tests/test_logging.py holds the two equal)."""
-        string = self.encoder.encode  # a JSON string literal for a str
-        trace = trace_fields(tracing.current.get(), self.project)
-        return self.ACCESS_LINE % (
-            record.levelname, string(record.getMessage()),
-            datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-            string(record.name), string(http_request["requestMethod"]),
-            string(http_request["requestUrl"]), http_request["status"],
-            string(http_request["latency"]), string(http_request["userAgent"]),
-            string(http_request["remoteIp"]), string(http_request["protocol"]),
-            "".join(f"{string(key)}:{self.encoder.encode(value)}," for key, value in trace.items())
-            if trace else "",
-            string(record.pathname), record.lineno, string(record.funcName),
-        )
-
-    ACCESS_LINE = (
-        '{"severity":"%s","message":%s,"time":"%s","logger":%s,'
-        '"httpRequest":{"requestMethod":%s,"requestUrl":%s,"status":%d,"latency":%s,'
-        '"userAgent":%s,"remoteIp":%s,"protocol":%s},%s'
-        '"logging.googleapis.com/sourceLocation":{"file":%s,"line":%d,"function":%s}}'
-    )
     # One encoder for every record: json.dumps with options builds a new one per call.
     encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
@@ -260,7 +233,7 @@ class AccessLogMiddleware:
             access_logger.name, level, __file__, _LOG_LINE, "%s %s %d %.1fms",
             (method, path, status, latency * 1000),
             (type(error), error, error.__traceback__) if error else None,
-            "AccessLogMiddleware", {"http_request": {
+            _LOG_FUNCTION, {"http_request": {
                 "requestMethod": method, "requestUrl": path, "status": status,
                 "latency": f"{latency:.6f}s", "userAgent": user_agent, "remoteIp": remote,
                 "protocol": _PROTOCOLS.get(version) or f"HTTP/{version}",
@@ -270,3 +243,4 @@ class AccessLogMiddleware:
 
 # Where an access record says it was made (logging.googleapis.com/sourceLocation).
 _LOG_LINE = AccessLogMiddleware._log.__code__.co_firstlineno
+_LOG_FUNCTION = AccessLogMiddleware._log.__qualname__

@@ -36,7 +36,7 @@ logger = logging.getLogger("app.metrics")
 PREFIX = "hello_birthday_"
 # From 1 ms (a cached readiness answer) to 5 s (the client's deadline, the
 # statement timeout plus margin); 100 ms is the latency SLO's threshold
-# (docs/slo.md), so it is a bucket boundary.
+# (docs/observability.md), so it is a bucket boundary.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Methods outside this set are one label value: a client cannot mint series.
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})

@@ -71,8 +71,6 @@ def ensure_engine() -> None:
                  "none could be installed; this check cannot pass without one")
 
 
-
-
 def ensure_base(name: str) -> bool:
     """Make the base image available; True when it is the debootstrap stand-in."""
     inspected = run(*PODMAN, "image", "inspect", "--format", "{{json .Labels}}", name,

@@ -213,25 +213,3 @@ def test_a_header_sent_on_several_lines_is_one_list(sqlite_url, clock, log_strea
     assert access["httpRequest"]["userAgent"] == "first/1, second/2"
     assert "logging.googleapis.com/trace" not in access
     assert "traceId" not in response.json()
-
-
-@pytest.mark.parametrize("trace", [None, f"00-{TRACE_ID}-00f067aa0ba902b7-01"])
-@pytest.mark.parametrize("project", [None, "my-proj"])
-def test_the_access_line_template_writes_what_the_general_path_writes(trace, project):
-    """CloudLoggingFormatter writes access records from a template; byte for
-    byte what encoding its dictionary writes, strings that need escaping included."""
-    formatter = CloudLoggingFormatter(project)
-    record = logging.LogRecord("app.access", logging.WARNING, "/app/lo\"g.py", 7,
-                               "%s %s %d %.1fms", ("GET", '/hello/"\\\u2028é', 404, 1.25),
-                               None, "_log")
-    record.http_request = {
-        "requestMethod": "GET", "requestUrl": '/hello/"\\\u2028é', "status": 404,
-        "latency": "0.001250s", "userAgent": 'ua "q" \\ é\\u000b', "remoteIp": "::1",
-        "protocol": "HTTP/1.1"}
-    token = tracing.current.set(tracing.parse(trace, None))
-    try:
-        line = formatter.format(record)
-        assert line == formatter.encoder.encode(formatter.entry(record))
-    finally:
-        tracing.current.reset(token)
-    assert json.loads(line)["httpRequest"]["requestUrl"] == '/hello/"\\\u2028é'

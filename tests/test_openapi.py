@@ -33,6 +33,14 @@ def test_the_documents_limits_are_the_codes():
     assert f"1 to {USERNAME_MAX_LENGTH} " in username["description"]
     too_large = DOCUMENT["paths"]["/hello/{username}"]["put"]["responses"]["413"]
     assert str(MAX_BODY_BYTES) in too_large["description"]
+    from app.limits import MAX_HEAD_BYTES, MAX_HEADER_LINES
+
+    for item in DOCUMENT["paths"].values():
+        for method, operation in item.items():
+            if method != "parameters":
+                head = operation["responses"]["431"]["description"]
+                assert f"{MAX_HEAD_BYTES // 1024} KiB" in head
+                assert f"{MAX_HEADER_LINES} header lines" in head
 
 
 def test_every_problem_type_is_in_the_code_the_api_doc_and_the_schema_alike():
