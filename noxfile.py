@@ -345,9 +345,16 @@ def helm(session: nox.Session) -> None:
 def alerts(session: nox.Session) -> None:
     """The alerting rules under promtool (check, and a unit test per alert firing and
     silent), and `promtool check metrics` on a real scrape; installs promtool."""
+    install_locked(session, MAIN_LOCK, DEV_LOCK)
+    ensure_promtool(session)
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_alerts.py", *session.posargs,
+                env=test_database_env())
+
+
+def ensure_promtool(session: nox.Session) -> None:
+    """promtool from PATH, else Debian's prometheus package; fails without it."""
     import shutil
 
-    install_locked(session, MAIN_LOCK, DEV_LOCK)
     if not shutil.which("promtool") and shutil.which("apt-get"):
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         env = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -357,8 +364,6 @@ def alerts(session: nox.Session) -> None:
     if not shutil.which("promtool"):
         session.error("promtool is not installed (Debian/Ubuntu: the prometheus package)")
     session.run("promtool", "--version", external=True)
-    session.run("pytest", "-p", "no:cacheprovider", "tests/test_alerts.py", *session.posargs,
-                env=test_database_env())
 
 
 @nox.session
@@ -383,15 +388,14 @@ def gke_local(session: nox.Session) -> None:
                 env={"HELM": helm_bin, **test_database_env()})
 
 
-# PostgreSQL over its Unix socket: a network namespace has a loopback of its own.
-DEFAULT_SOCKET_DATABASE_URL = "postgresql://postgres@/test?host=/var/run/postgresql"
-
-
 @nox.session
 def cloudrun(session: nox.Session) -> None:
-    """cloudrun/deploy.sh end to end, and the manifests through gcloud's parser: the real
-    gcloud against tests/cloud's stand-in of the Google APIs, offline, in a private
-    network namespace (needs gcloud, root and unshare; says why when it cannot run)."""
+    """cloudrun/setup.sh and deploy.sh end to end, the manifests and alerting policies
+    through gcloud's parser: the real gcloud against tests/cloud's stand-in of the Google
+    APIs, which refuses what Google refuses, offline, in a private network namespace.
+    Needs gcloud, root, unshare, PostgreSQL's server binaries (each Cloud SQL instance is
+    a cluster of its own) and promtool; says why when it cannot run."""
+    import glob
     import shutil
 
     install_locked(session, MAIN_LOCK, DEV_LOCK)
@@ -402,11 +406,15 @@ def cloudrun(session: nox.Session) -> None:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         session.error("needs root and unshare(1) for a private network namespace "
                       "(on CircleCI: the machine executor, with sudo)")
-    session.log(f"gcloud: {gcloud}")
-    url = os.environ.get("CLOUDRUN_TEST_DATABASE_URL", DEFAULT_SOCKET_DATABASE_URL)
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        session.error("PostgreSQL's server binaries are not installed (Debian/Ubuntu: "
+                      "postgresql): the stand-in runs each Cloud SQL instance as a cluster")
+    ensure_promtool(session)
+    session.run(gcloud, "--version", external=True,
+                env={"CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1"})
     session.run("unshare", "-m", "-n", "bash", "tests/cloud/netns.sh",
                 "python", "-m", "pytest", "-p", "no:cacheprovider", "tests/cloud",
-                *session.posargs, env={"TEST_DATABASE_URL": url}, external=True)
+                *session.posargs, external=True)
 
 
 @nox.session

@@ -1,10 +1,11 @@
-"""The Cloud Run files: every invariant the deployment relies on, checked offline."""
+"""The Cloud Run files: every invariant the deployment relies on, checked offline
+on the manifests as cloudrun/deploy.sh renders them (`deploy.sh --render`)."""
 
 from __future__ import annotations
 
 import json
-
 import os
+import re
 import subprocess
 import sys
 
@@ -16,32 +17,48 @@ from tests.conftest import ROOT
 
 CLOUDRUN = ROOT / "cloudrun"
 CLOUD_RUN_SIGTERM_GRACE_SECONDS = 10
-VALUES = {
-    "PROJECT_ID": "proj", "SERVICE": "hello-birthday", "REVISION": "hello-birthday-d0123",
-    "IMAGE": "europe-docker.pkg.dev/proj/apps/hello-birthday@sha256:" + "a" * 64,
-    "CLOUDSQL_INSTANCE": "proj:europe-west1:db", "DATABASE_URL_SECRET": "database-url",
-    "RUNTIME_SERVICE_ACCOUNT": "hello-birthday@proj.iam.gserviceaccount.com",
-    "RUNGMP_SECRET": "rungmp-config",
+DIGEST = "a" * 64
+RUNTIME = "hello-birthday@proj.iam.gserviceaccount.com"
+ENV = {
+    "PROJECT_ID": "proj", "REGION": "europe-west1", "SERVICE": "hello-birthday",
+    "IMAGE": f"europe-docker.pkg.dev/proj/apps/hello-birthday@sha256:{DIGEST}",
+    "CLOUDSQL_INSTANCE": "proj:europe-west1:db", "RUNTIME_SERVICE_ACCOUNT": RUNTIME,
+    "DEPLOYER_SERVICE_ACCOUNT": "deployer@proj.iam.gserviceaccount.com",
 }
+# The Cloud SQL Auth Proxy's own listeners, by default (GoogleCloudPlatform/cloud-sql-proxy
+# cmd/root.go: --http-port 9090 with --health-check or --prometheus, --admin-port 9091
+# with --quitquitquit or --debug, the first instance on --port, 5432 for PostgreSQL).
+PROXY_DEFAULTS = {"http-port": 9090, "admin-port": 9091, "port": 5432}
 
 
-def rendered_text(name: str) -> str:
-    """cloudrun/NAME with deploy.sh's placeholders filled, as deploy.sh does."""
-    text = (CLOUDRUN / name).read_text()
-    for key, value in VALUES.items():
-        text = text.replace("${" + key + "}", value)
-    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+def rendered_text(name: str, keep_invoker_check_off: bool = False, **env: str) -> str:
+    """cloudrun/NAME as cloudrun/deploy.sh renders it."""
+    result = subprocess.run(["bash", str(CLOUDRUN / "deploy.sh"), "--render", name,
+                             "true" if keep_invoker_check_off else "false"],
+                            env={**os.environ, **ENV, **env}, capture_output=True, text=True,
+                            check=True)
+    body = "\n".join(line for line in result.stdout.splitlines()
+                     if not line.lstrip().startswith("#"))
     assert "${" not in body, "every placeholder is one deploy.sh fills"
-    return text
+    return result.stdout
 
 
-def render(name: str) -> dict:
-    return yaml.safe_load(rendered_text(name))
+def render(name: str, **env: str) -> dict:
+    return yaml.safe_load(rendered_text(name, **env))
 
 
 @pytest.fixture(scope="module")
 def service() -> dict:
     return render("service.yaml")
+
+
+@pytest.fixture(scope="module")
+def job() -> dict:
+    return render("migrate-job.yaml")
+
+
+def containers_of(template: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in template["spec"]["containers"]}
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +68,60 @@ def container(service) -> dict:
     return app
 
 
+def env_of(container: dict) -> dict:
+    return {item["name"]: item for item in container["env"]}
+
+
+def proxy_listeners(container: dict) -> set[int]:
+    """The ports a Cloud SQL Auth Proxy container listens on, as its arguments decide."""
+    args = dict(arg.lstrip("-").split("=", 1) if "=" in arg else (arg.lstrip("-"), True)
+                for arg in container["args"] if arg.startswith("--"))
+    ports = {int(args.get("port", PROXY_DEFAULTS["port"]))}
+    if "health-check" in args or "prometheus" in args:
+        ports.add(int(args.get("http-port", PROXY_DEFAULTS["http-port"])))
+    if "quitquitquit" in args or "debug" in args:
+        ports.add(int(args.get("admin-port", PROXY_DEFAULTS["admin-port"])))
+    return ports
+
+
+def listeners(container: dict) -> set[int]:
+    if "cloud-sql-proxy" in container["image"]:
+        return proxy_listeners(container)
+    if "cloud-run-gmp-sidecar" in container["image"]:
+        return set()  # it scrapes; its own health port is not configurable here
+    env = {k: v.get("value") for k, v in env_of(container).items()} if "env" in container else {}
+    ports = {int(p["containerPort"]) for p in container.get("ports", [])}
+    if "METRICS_PORT" in env:
+        ports.add(int(env["METRICS_PORT"]))
+    return ports
+
+
+@pytest.mark.parametrize("name", ["service.yaml", "migrate-job.yaml"])
+def test_no_two_containers_of_one_instance_listen_on_one_port(name):
+    """Containers of an instance share its network; the proxy's defaults count."""
+    manifest = render(name)
+    template = manifest["spec"]["template"]
+    if manifest["kind"] == "Job":
+        template = template["spec"]["template"]
+    seen: dict[int, str] = {}
+    for container in template["spec"]["containers"]:
+        for port in listeners(container):
+            assert port not in seen, f"{container['name']} and {seen[port]} both listen on {port}"
+            seen[port] = container["name"]
+
+
 def test_the_metrics_sidecar_scrapes_the_metrics_port_not_the_api(service, container):
     template = service["spec"]["template"]
-    containers = {c["name"]: c for c in template["spec"]["containers"]}
+    containers = containers_of(template)
     collector = containers.pop("collector")
-    assert list(containers) == [container["name"]]
     assert "cloud-run-gmp-sidecar" in collector["image"] and "ports" not in collector
     dependencies = json.loads(template["metadata"]["annotations"][
         "run.googleapis.com/container-dependencies"])
-    assert dependencies == {"collector": [container["name"]]}  # starts after the app
+    assert dependencies["collector"] == [container["name"]]  # starts after the app
     (mount,) = collector["volumeMounts"]
     (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
     assert mount["mountPath"] == "/etc/rungmp"  # the sidecar reads config.yaml there
-    assert volume["secret"] == {"secretName": VALUES["RUNGMP_SECRET"],
+    assert volume["secret"] == {"secretName": "rungmp-config",
                                 "items": [{"key": "latest", "path": "config.yaml"}]}
     config = yaml.safe_load((CLOUDRUN / "rungmp-config.yaml").read_text())
     assert (config["apiVersion"], config["kind"]) == ("monitoring.googleapis.com/v1beta",
@@ -74,12 +132,89 @@ def test_the_metrics_sidecar_scrapes_the_metrics_port_not_the_api(service, conta
     assert int(metrics_port) != container["ports"][0]["containerPort"]
 
 
-def env_of(container: dict) -> dict:
-    return {item["name"]: item for item in container["env"]}
+def test_cpu_is_always_allocated_unless_the_switch_says_otherwise(service):
+    """Google: the Managed Prometheus sidecar's scrapes may fail while CPU is
+    throttled; instance-based billing is the default, request-based a switch."""
+    key = "run.googleapis.com/cpu-throttling"
+    assert service["spec"]["template"]["metadata"]["annotations"][key] == "false"
+    throttled = render("service.yaml", CPU_THROTTLING="true")
+    assert throttled["spec"]["template"]["metadata"]["annotations"][key] == "true"
+
+
+@pytest.mark.parametrize("name", ["service.yaml", "migrate-job.yaml"])
+def test_the_database_is_reached_through_the_proxy_as_the_runtime_iam_user(name):
+    manifest = render(name)
+    template = manifest["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    spec = template["spec"]["template"]["spec"] if manifest["kind"] == "Job" else template["spec"]
+    containers = containers_of({"spec": spec})
+    proxy = containers.pop("cloud-sql-proxy")
+    (app,) = [c for n, c in containers.items() if n != "collector"]
+    assert "--auto-iam-authn" in proxy["args"]
+    assert proxy["args"][-1] == "proj:europe-west1:db?private-ip=true"
+    url = env_of(app)["DATABASE_URL"]["value"]
+    assert url == "postgresql://hello-birthday%40proj.iam@127.0.0.1:5432/hello"
+    assert "--port=5432" in proxy["args"] and ":" not in url.split("@")[0].split("//")[1]
+    # The app starts after the proxy passed its startup probe, on the proxy's health port.
+    assert json.loads(annotations["run.googleapis.com/container-dependencies"])[app["name"]] \
+        == ["cloud-sql-proxy"]
+    assert proxy["startupProbe"]["httpGet"]["port"] in proxy_listeners(proxy)
+    assert "run.googleapis.com/cloudsql-instances" not in annotations  # no built-in socket
+    # Private IP: Direct VPC egress on the network setup.sh peered with Google's services.
+    assert json.loads(annotations["run.googleapis.com/network-interfaces"]) == \
+        [{"network": "default", "subnetwork": "default"}]
+    assert annotations["run.googleapis.com/vpc-access-egress"] == "private-ranges-only"
+
+
+@pytest.mark.parametrize("name", ["service.yaml", "migrate-job.yaml"])
+def test_public_ip_drops_the_vpc_egress_and_tells_the_proxy(name):
+    manifest = render(name, CLOUDSQL_CONNECTIVITY="public")
+    template = manifest["spec"]["template"]
+    assert "run.googleapis.com/network-interfaces" not in template["metadata"]["annotations"]
+    assert "?private-ip=false" in rendered_text(name, CLOUDSQL_CONNECTIVITY="public")
+
+
+def test_the_migration_job_ends_its_proxy_and_keeps_alembics_exit_code(job):
+    spec = job["spec"]["template"]["spec"]["template"]["spec"]
+    containers = containers_of({"spec": spec})
+    proxy, migrate = containers["cloud-sql-proxy"], containers["migrate"]
+    assert "--quitquitquit" in proxy["args"]
+    script = migrate["args"][0]
+    assert script.startswith("alembic upgrade head; status=$?;") and script.endswith("exit $status")
+    admin = int(dict(a.lstrip("-").split("=") for a in proxy["args"] if "=" in a).get(
+        "admin-port", PROXY_DEFAULTS["admin-port"]))
+    assert f"http://127.0.0.1:{admin}/quitquitquit" in script
+    assert spec["maxRetries"] == 0
+
+
+def test_the_proxy_pin_is_the_charts(service, job):
+    """One proxy release for both targets: the chart's and these agree."""
+    values = yaml.safe_load((ROOT / "helm" / "hello-birthday" / "values.yaml").read_text())
+    chart = values["cloudSqlProxy"]["image"]
+    for manifest in (service, job):
+        text = yaml.safe_dump(manifest)
+        assert re.findall(r"gcr\.io/cloud-sql-connectors/cloud-sql-proxy:[\w.]+", text) == [chart]
+
+
+def test_the_invoker_check_stays_off_only_when_the_deploy_keeps_it(service):
+    key = "run.googleapis.com/invoker-iam-disabled"
+    assert key not in service["metadata"]["annotations"]
+    kept = yaml.safe_load(rendered_text("service.yaml", keep_invoker_check_off=True))
+    assert kept["metadata"]["annotations"][key] == "true"
+
+
+def test_the_revision_name_carries_the_digest_and_the_configuration():
+    def name(**env: str) -> str:
+        return render("service.yaml", **env)["spec"]["template"]["metadata"]["name"]
+    base = name()
+    assert base.startswith(f"hello-birthday-d{DIGEST[:12]}-") and len(base) <= 63
+    assert name() == base  # a re-run names the same revision
+    assert name(CPU_THROTTLING="true") != base  # another configuration: another name
+    assert name(IMAGE=ENV["IMAGE"].replace("a" * 64, "b" * 64)) != base
 
 
 def test_image_is_the_immutable_reference_substituted_at_deploy(container):
-    assert container["image"] == VALUES["IMAGE"]
+    assert container["image"] == ENV["IMAGE"]
     raw = (CLOUDRUN / "service.yaml").read_text()
     assert "image: ${IMAGE}" in raw and ":latest" not in raw
 
@@ -127,9 +262,10 @@ def test_a_rolled_back_revision_becomes_ready_on_a_schema_one_migration_ahead(
         assert process.wait(timeout=60) == 0
 
 
-def test_the_database_url_never_sits_in_the_service_spec(container):
-    database_url = env_of(container)["DATABASE_URL"]
-    assert "value" not in database_url and "secretKeyRef" in database_url["valueFrom"]
+def test_no_secret_sits_in_the_service_spec(container):
+    """IAM database authentication: the URL names a user, never a password."""
+    url = env_of(container)["DATABASE_URL"]["value"]
+    assert ":" not in url.split("//", 1)[1].split("@", 1)[0]
 
 
 def test_drain_fits_cloud_runs_sigterm_window(container):
@@ -141,18 +277,13 @@ def test_every_env_value_is_one_the_app_accepts(container):
     from app.settings import load_settings
 
     env = {name: item["value"] for name, item in env_of(container).items() if "value" in item}
-    load_settings({**env, "DATABASE_URL": "postgresql://u@/db?host=/cloudsql/p:r:i"})
+    load_settings(env)
 
 
-def test_migration_job_runs_alembic_with_the_same_image_secret_and_database(service, container):
-    job = render("migrate-job.yaml")
-    assert job["apiVersion"] == "run.googleapis.com/v1" and job["kind"] == "Job"
+def test_migration_job_runs_alembic_with_the_same_image_and_database(job, container):
     template = job["spec"]["template"]
-    (migrate,) = template["spec"]["template"]["spec"]["containers"]
-    assert migrate["command"] + migrate["args"] == ["alembic", "upgrade", "head"]
+    containers = containers_of({"spec": template["spec"]["template"]["spec"]})
+    migrate = containers["migrate"]
     assert migrate["image"] == container["image"]
     assert env_of(migrate)["DATABASE_URL"] == env_of(container)["DATABASE_URL"]
-    assert template["metadata"]["annotations"]["run.googleapis.com/cloudsql-instances"] == \
-        VALUES["CLOUDSQL_INSTANCE"]
-    assert template["spec"]["template"]["spec"]["serviceAccountName"] == \
-        VALUES["RUNTIME_SERVICE_ACCOUNT"]
+    assert template["spec"]["template"]["spec"]["serviceAccountName"] == RUNTIME

@@ -1,11 +1,15 @@
 """cloudrun/deploy.sh end to end: the real gcloud against the stand-in, in a
-private network namespace (`nox -s cloudrun`; tests/cloud/README.md).
+private network namespace (`nox -s cloudrun`; tests/cloud/README.md). Each
+scenario starts from the state cloudrun/setup.sh leaves (Cloud.provision): a
+private-IP Cloud SQL instance (a real PostgreSQL), its IAM user for the runtime
+account; revisions reach it through the Cloud SQL Auth Proxy model, as that
+IAM user, over the instance's Direct VPC egress.
 
 Every scenario checks the deploy's promises on the stand-in's record of what
 happened, in order:
 - traffic never reaches a revision that was not verified: whenever clients
-  can call the service (the invoker policy is public), every revision with
-  traffic has answered the smoke test through its tag before;
+  can call the service (it is public), every revision with traffic has
+  answered the smoke test through its tag before;
 - a backup precedes every migration, and a migration every new revision;
 - after a failure the previous revision has all the traffic, and a re-run
   ends in the right state.
@@ -13,6 +17,7 @@ happened, in order:
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -22,22 +27,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
+import yaml
 
 from app.schema import HEAD
 from tests.cloud.standin import StandIn, which_gcloud
 from tests.conftest import ROOT, migrate
 
 DEPLOYER = "deployer@p.iam.gserviceaccount.com"
+RUNTIME = "hello-birthday@p.iam.gserviceaccount.com"
+IAM_USER = "hello-birthday@p.iam"
 pytestmark = pytest.mark.slow
 
 
 def digest(n: int) -> str:
     return f"europe-docker.pkg.dev/p/apps/hello-birthday@sha256:{str(n) * 64}"
-
-
-def revision_of(n: int) -> str:
-    return f"hello-birthday-d{str(n) * 12}"
 
 
 class Deployer:
@@ -49,8 +52,7 @@ class Deployer:
             **os.environ, **standin.gcloud_env(tmp / "gcloud"),
             "PROJECT_ID": "p", "REGION": "europe-west1", "SERVICE": "hello-birthday",
             "CLOUDSQL_INSTANCE": "p:europe-west1:hello-birthday",
-            "DATABASE_URL_SECRET": "database-url",
-            "RUNTIME_SERVICE_ACCOUNT": "hello-birthday@p.iam.gserviceaccount.com",
+            "RUNTIME_SERVICE_ACCOUNT": RUNTIME,
             "DEPLOYER_SERVICE_ACCOUNT": DEPLOYER, "STEP_PAUSE_SECONDS": "1",
         }
 
@@ -70,12 +72,23 @@ class Deployer:
                               env=self.env, capture_output=True, text=True, timeout=120)
 
 
+@functools.cache
+def revision_of(image: int, **env: str) -> str:
+    """The name deploy.sh gives the revision of this image and configuration."""
+    base = {**os.environ, "PROJECT_ID": "p", "REGION": "europe-west1",
+            "SERVICE": "hello-birthday", "CLOUDSQL_INSTANCE": "p:europe-west1:hello-birthday",
+            "RUNTIME_SERVICE_ACCOUNT": RUNTIME, "DEPLOYER_SERVICE_ACCOUNT": DEPLOYER}
+    text = subprocess.run(["bash", str(ROOT / "cloudrun" / "deploy.sh"), "--render",
+                           "service.yaml"], env={**base, "IMAGE": digest(image), **env},
+                          capture_output=True, text=True, check=True).stdout
+    return yaml.safe_load(text)["spec"]["template"]["metadata"]["name"]
+
+
 @pytest.fixture
-def cloud(postgres_server, tmp_path):
-    url = postgres_server.create_database()
-    with StandIn(tmp_path, url, deployers=[DEPLOYER]) as standin:
-        standin.cloud.store["sql/hello-birthday"] = {"name": "hello-birthday"}  # setup.sh's
-        yield standin, Deployer(standin, tmp_path), url
+def cloud(tmp_path):
+    with StandIn(tmp_path, deployers=[DEPLOYER]) as standin:
+        standin.cloud.provision(DEPLOYER, RUNTIME)
+        yield standin, Deployer(standin, tmp_path), standin.cloud.clusters["hello-birthday"]
 
 
 # --- reading the record -------------------------------------------------------------------
@@ -125,12 +138,13 @@ def assert_backup_before_each_migration_before_each_revision(standin: StandIn) -
             assert migrated, f"{event['revision']} was created before a successful migration"
 
 
-def schema_revision(url: str) -> list:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    with engine.connect() as connection:
-        rows = connection.execute(sa.text("SELECT version_num FROM alembic_version")).all()
-    engine.dispose()
-    return [row[0] for row in rows]
+def schema_revision(cluster) -> list:
+    return cluster.psql("SELECT version_num FROM alembic_version", database="hello").stdout.split()
+
+
+def table_owner(cluster, table: str = "users") -> str:
+    return cluster.psql(f"SELECT tableowner FROM pg_tables WHERE tablename = '{table}'",
+                        database="hello").stdout.strip()
 
 
 def get(url: str, token: str | None = None) -> int:
@@ -152,15 +166,23 @@ def first_release(standin: StandIn, deployer: Deployer) -> None:
 # --- scenarios ------------------------------------------------------------------------------
 
 def test_first_deploy_then_a_harmless_rerun(cloud):
-    standin, deployer, url = cloud
+    standin, deployer, cluster = cloud
     code, output = deployer.run(1)
     assert code == 0, output
     assert traffic(standin) == {revision_of(1): 100}
     assert standin.cloud.is_public("hello-birthday")
-    assert len(standin.cloud.backups) == 1 and Path(standin.cloud.backups[0]["file"]).stat().st_size
-    assert schema_revision(url) == [HEAD]
+    (backup,) = standin.cloud.backups
+    assert backup["description"] == f"before deploying {revision_of(1)}"
+    assert schema_revision(cluster) == [HEAD]
+    # The migration logged in as the runtime account's IAM user, through the proxy:
+    # the table is that role's, the role the service (and GKE) log in as.
+    assert table_owner(cluster) == IAM_USER
     assert get(standin.cloud.url("hello-birthday") + "/hello/Nobody") == 404  # public, served
     assert "nothing to roll back to" in output
+    # The metrics sidecar scrapes the app's metrics, not the API and not the proxy.
+    (scrape,) = standin.cloud.scrape(revision_of(1))
+    assert (scrape["port"], scrape["status"]) == (9090, 200)
+    assert "hello_birthday_build_info" in scrape["text"]
     code, output = deployer.run(1)  # the same image again: nothing moves
     assert code == 0, output
     assert traffic(standin) == {revision_of(1): 100}
@@ -193,6 +215,52 @@ def test_upgrade_in_steps(cloud):
     assert get(standin.cloud.url("hello-birthday") + "/readyz") == 200
 
 
+def test_any_earlier_image_redeploys_under_any_configuration(cloud):
+    """The revision's name carries the image digest and the rendered template's
+    hash: an older image under a newer configuration gets a name of its own."""
+    standin, deployer, _ = cloud
+    first_release(standin, deployer)
+    code, output = deployer.run(2)
+    assert code == 0, output
+    code, output = deployer.run(1, CPU_THROTTLING="true")  # image 1, configuration changed
+    assert code == 0, output
+    again = revision_of(1, CPU_THROTTLING="true")
+    assert again != revision_of(1) and traffic(standin) == {again: 100}
+    code, output = deployer.run(1)  # image 1 as first deployed: its own revision again
+    assert code == 0, output
+    assert traffic(standin) == {revision_of(1): 100}
+    assert_traffic_only_on_verified_revisions(standin)
+
+
+def test_a_revision_name_conflict_stops_the_deploy_before_the_backup(cloud):
+    standin, deployer, _ = cloud
+    first_release(standin, deployer)
+    taken = revision_of(1).removeprefix("hello-birthday-")
+    mark = len(standin.cloud.events)
+    code, output = deployer.run(2, REVISION_TAG=taken)  # another image under that name
+    assert code != 0 and "with different configuration already exists" in output
+    assert "no backup, migration or traffic change was made" in output
+    assert [e["kind"] for e in events(standin, since=mark)
+            if e["kind"] not in ("served", "dry-run")] == []
+    assert traffic(standin) == {revision_of(1): 100}
+
+
+def test_the_deploys_own_backups_are_pruned_to_the_newest_kept(cloud):
+    standin, deployer, _ = cloud
+    first_release(standin, deployer)
+    # Somebody's own backup is never deleted.
+    result = deployer.gcloud("sql", "backups", "create", "--instance=hello-birthday",
+                             "--description=manual, before the audit")
+    assert result.returncode == 0, result.stderr
+    for _ in range(2):
+        code, output = deployer.run(1, ON_DEMAND_BACKUPS_KEPT="2")
+        assert code == 0, output
+    descriptions = [b["description"] for b in standin.cloud.backups]
+    assert descriptions.count(f"before deploying {revision_of(1)}") == 2
+    assert "manual, before the audit" in descriptions
+    assert len(events(standin, "backup-deleted")) == 1
+
+
 @pytest.mark.parametrize("fault", ["backup-fails", "migration-fails"])
 def test_a_failed_backup_or_migration_changes_nothing_and_a_rerun_completes(cloud, fault):
     standin, deployer, _ = cloud
@@ -210,18 +278,32 @@ def test_a_failed_backup_or_migration_changes_nothing_and_a_rerun_completes(clou
     assert_backup_before_each_migration_before_each_revision(standin)
 
 
-def test_a_failed_smoke_test_keeps_traffic_and_a_fixed_image_completes(cloud, postgres_server):
+def test_without_its_iam_role_the_runtime_cannot_log_in_and_nothing_moves(cloud):
+    """Cloud SQL checks roles/cloudsql.instanceUser at every IAM login: the
+    migration fails, the serving revision keeps serving."""
     standin, deployer, _ = cloud
+    first_release(standin, deployer)
+    policy = standin.cloud.store["policy:projects/p"]
+    policy["bindings"] = [b for b in policy["bindings"]
+                          if b["role"] != "roles/cloudsql.instanceUser"]
+    mark = len(standin.cloud.events)
+    code, output = deployer.run(2)
+    assert code != 0
+    refused = events(standin, "proxy-refused", mark)
+    assert refused and refused[0]["reason"] == "IAM authentication failed"
+    assert events(standin, "revision", mark) == [] and traffic(standin) == {revision_of(1): 100}
+
+
+def test_a_failed_smoke_test_keeps_traffic_and_a_fixed_image_completes(cloud):
+    standin, deployer, cluster = cloud
     first_release(standin, deployer)
     # The next revision is wired to a database without the table: /readyz (the
     # startup probe) passes, the smoke GET answers 503.
-    wrong = postgres_server.create_database()
-    migrate(wrong)
-    engine = sa.create_engine(wrong, poolclass=sa.pool.NullPool)
-    with engine.begin() as connection:
-        connection.execute(sa.text("DROP TABLE users"))
-    engine.dispose()
-    standin.cloud.faults["next-revision-database"] = wrong
+    cluster.psql(f'CREATE DATABASE wrong OWNER "{IAM_USER}"')
+    migrate(f"postgresql+psycopg://hello-birthday%40p.iam@127.0.0.1:{cluster.port}/wrong")
+    cluster.psql("DROP TABLE users", database="wrong")
+    standin.cloud.faults["next-revision-database"] = \
+        "postgresql://hello-birthday%40p.iam@127.0.0.1:5432/wrong"
     code, output = deployer.run(2, TRAFFIC_STEPS="10 100")
     assert code != 0 and "smoke test of" in output
     assert traffic(standin) == {revision_of(1): 100}
@@ -304,10 +386,46 @@ def test_private_mode_serves_only_callers_with_an_id_token(cloud):
     assert_traffic_only_on_verified_revisions(standin)
 
 
+def test_under_domain_restricted_sharing_public_means_the_invoker_check_off(cloud):
+    """allUsers is refused by the organisation policy; the deploy turns the invoker
+    check off instead, keeps it off through later deploys, and back on for private."""
+    standin, deployer, _ = cloud
+    standin.cloud.org_policies["iam.allowedPolicyMemberDomains"] = True
+    code, output = deployer.run(1)
+    assert code == 0, output
+    assert "disabling the invoker IAM check instead" in output
+    service_url = standin.cloud.url("hello-birthday")
+    assert get(service_url + "/readyz") == 200
+    mark = len(standin.cloud.events)
+    code, output = deployer.run(2, TRAFFIC_STEPS="50 100")
+    assert code == 0, output
+    # Public all along: the replace kept the check off (no window of 403s).
+    assert all(e["public"] for e in events(standin, "traffic", mark))
+    assert get(service_url + "/readyz") == 200
+    code, output = deployer.run(2, INVOKER="private")
+    assert code == 0, output
+    assert get(service_url + "/readyz") == 403
+    assert_traffic_only_on_verified_revisions(standin)
+
+
+def test_the_deploy_must_say_how_the_instance_is_reached(cloud):
+    """setup.sh made a private-IP instance: a deploy that says public IP cannot
+    reach it (its migration fails, nothing moves); said right, it goes through."""
+    standin, deployer, _ = cloud
+    first_release(standin, deployer)
+    mark = len(standin.cloud.events)
+    code, output = deployer.run(2, CLOUDSQL_CONNECTIVITY="public")
+    assert code != 0
+    assert events(standin, "proxy-refused", mark)[0]["reason"] == \
+        'instance does not have IP of type "PUBLIC"'
+    assert traffic(standin) == {revision_of(1): 100}
+
+
 def test_a_mutable_image_tag_is_refused_before_anything_runs(cloud):
     standin, deployer, _ = cloud
     process = subprocess.run(["bash", str(ROOT / "cloudrun" / "deploy.sh")],
                              env={**deployer.env, "IMAGE": "europe-docker.pkg.dev/p/a/hb:latest"},
                              capture_output=True, text=True, timeout=60)
     assert process.returncode == 2 and "immutable" in process.stderr
-    assert standin.cloud.served == [] and standin.cloud.events == []
+    assert standin.cloud.served == [] and \
+        [e for e in standin.cloud.events if e["kind"] not in ("created", "policy-set")] == []

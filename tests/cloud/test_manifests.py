@@ -1,4 +1,6 @@
-"""cloudrun/*.yaml through gcloud's own parser (its API messages), offline."""
+"""cloudrun/*.yaml through gcloud's own parser (its API messages), offline; the
+shipped files pass it in every scenario of test_deploy.py (replaced through the
+stand-in), and each misspelling here fails before any request."""
 
 from __future__ import annotations
 
@@ -28,12 +30,10 @@ def replace(kind: str, path: str, tmp_path) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.parametrize("kind, name", [("services", "service.yaml"),
-                                        ("jobs", "migrate-job.yaml")])
-def test_gclouds_parser_refuses_a_misspelled_field(kind, name, tmp_path):
-    """The parser is really in the path: the shipped files pass it in every
-    scenario of test_deploy.py (replaced through the stand-in); a misspelling
-    fails here before any request."""
+@pytest.mark.parametrize("kind, name, field", [
+    ("services", "service.yaml", "containers:"), ("jobs", "migrate-job.yaml", "containers:"),
+    ("services", "service.yaml", "startupProbe:"), ("jobs", "migrate-job.yaml", "startupProbe:")])
+def test_gclouds_parser_refuses_a_misspelled_field(kind, name, field, tmp_path):
     bad = replace(kind, rendered(name, tmp_path, lambda t: t.replace(
-        "containers:", "containerz:", 1)), tmp_path)
+        field, field[:-2] + "z:", 1)), tmp_path)
     assert bad.returncode != 0 and "Failed to parse" in bad.stderr, bad.stderr
