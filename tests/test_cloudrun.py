@@ -287,3 +287,51 @@ def test_migration_job_runs_alembic_with_the_same_image_and_database(job, contai
     assert migrate["image"] == container["image"]
     assert env_of(migrate)["DATABASE_URL"] == env_of(container)["DATABASE_URL"]
     assert template["spec"]["template"]["spec"]["serviceAccountName"] == RUNTIME
+
+
+# List prices (USD, us-central1) the runbook's cost table states, with their pages.
+SQL_HA_VCPU_HOUR, SQL_HA_GB_HOUR = 0.0826, 0.014     # https://cloud.google.com/sql/pricing
+SQL_HA_SSD_GB_MONTH, SQL_STORAGE_GB = 0.34, 10        # same page; gcloud's default size
+RUN_VCPU_SECOND, RUN_GIB_SECOND = 0.000018, 0.000002  # https://cloud.google.com/run/pricing
+RUN_FREE_VCPU_SECONDS, RUN_FREE_GIB_SECONDS = 240_000, 450_000
+ALERT_CONDITION_MONTH = 1.50  # https://cloud.google.com/monitoring/alerts/cost-control
+GMP_PER_MILLION_SAMPLES, SAMPLES_PER_SCRAPE = 0.06, 200  # https://cloud.google.com/stackdriver/pricing
+HOURS = 730
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity: CPU ("1", "0.25") or memory in GiB ("512Mi")."""
+    units = {"Mi": 1 / 1024, "Gi": 1.0}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value[:-2]) * factor
+    return float(value)
+
+
+def test_the_stated_monthly_cost_is_the_manifests_at_list_prices(service):
+    setup = (CLOUDRUN / "setup.sh").read_text()
+    tier = re.search(r"^TIER=\$\{TIER:-(db-custom-(\d+)-(\d+))\}", setup, flags=re.M)
+    assert re.search(r"^AVAILABILITY=\$\{AVAILABILITY:-REGIONAL\}", setup, flags=re.M)
+    cpus, memory_gb = int(tier[2]), int(tier[3]) / 1024
+    instance = HOURS * (cpus * SQL_HA_VCPU_HOUR + memory_gb * SQL_HA_GB_HOUR)
+    storage = SQL_STORAGE_GB * SQL_HA_SSD_GB_MONTH
+    limits = [c["resources"]["limits"] for c in service["spec"]["template"]["spec"]["containers"]]
+    vcpu = sum(quantity(limit["cpu"]) for limit in limits)
+    gib = sum(quantity(limit["memory"]) for limit in limits)
+    assert int(service["metadata"]["annotations"]["run.googleapis.com/minScale"]) == 1
+    seconds = HOURS * 3600
+    run = (max(0, vcpu * seconds - RUN_FREE_VCPU_SECONDS) * RUN_VCPU_SECOND
+           + max(0, gib * seconds - RUN_FREE_GIB_SECONDS) * RUN_GIB_SECOND)
+    extra_instance = vcpu * seconds * RUN_VCPU_SECOND + gib * seconds * RUN_GIB_SECOND
+    conditions = len(list((CLOUDRUN / "alert-policies").glob("*.json")))
+    alerting = conditions * ALERT_CONDITION_MONTH
+    interval = int(yaml.safe_load((CLOUDRUN / "rungmp-config.yaml").read_text())[
+        "spec"]["endpoints"][0]["interval"].rstrip("s"))
+    prometheus = SAMPLES_PER_SCRAPE * HOURS * 3600 / interval / 1e6 * GMP_PER_MILLION_SAMPLES
+    total = instance + storage + run + alerting + prometheus
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for figure in (instance, storage, run, alerting, prometheus, extra_instance,
+                   (instance + storage) / 2):
+        assert f"${figure:.2f}" in doc, f"${figure:.2f}"
+    assert f"**${total:.2f}**" in doc
+    assert f"{vcpu:g} vCPU and {gib:g} GiB" in doc and f"{conditions} PromQL conditions" in doc

@@ -959,6 +959,12 @@ class Cloud:
                              "availabilityType": "REGIONAL", "deletionProtectionEnabled": True,
                              "databaseFlags": [{"name": "cloudsql.iam_authentication",
                                                 "value": "on"}],
+                             "maintenanceWindow": {"day": 7, "hour": 4},
+                             "backupConfiguration": {
+                                 "enabled": True, "startTime": "03:00",
+                                 "pointInTimeRecoveryEnabled": True,
+                                 "transactionLogRetentionDays": 7,
+                                 "backupRetentionSettings": {"retainedBackups": 14}},
                              "ipConfiguration": ip}})
             self.create_database("hello-birthday", "hello")
             user = runtime.removesuffix(".gserviceaccount.com")

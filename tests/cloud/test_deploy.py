@@ -32,6 +32,7 @@ import yaml
 from app.schema import HEAD
 from tests.cloud.standin import StandIn, which_gcloud
 from tests.conftest import ROOT, migrate
+from tests.test_cloudrun import SAMPLES_PER_SCRAPE
 
 DEPLOYER = "deployer@p.iam.gserviceaccount.com"
 RUNTIME = "hello-birthday@p.iam.gserviceaccount.com"
@@ -183,6 +184,8 @@ def test_first_deploy_then_a_harmless_rerun(cloud):
     (scrape,) = standin.cloud.scrape(revision_of(1))
     assert (scrape["port"], scrape["status"]) == (9090, 200)
     assert "hello_birthday_build_info" in scrape["text"]
+    samples = [line for line in scrape["text"].splitlines() if line and line[0] != "#"]
+    assert len(samples) <= SAMPLES_PER_SCRAPE  # what docs/operations.md's cost assumes
     code, output = deployer.run(1)  # the same image again: nothing moves
     assert code == 0, output
     assert traffic(standin) == {revision_of(1): 100}

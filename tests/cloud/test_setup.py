@@ -83,6 +83,15 @@ def test_setup_names_what_it_cannot_do_then_finishes_then_changes_nothing(tmp_pa
         assert backups["backupRetentionSettings"]["retainedBackups"] == 14
         assert backups["transactionLogRetentionDays"] == 7
         assert {"name": "cloudsql.iam_authentication", "value": "on"} in settings["databaseFlags"]
+        # What the deploy scenarios start from (Cloud.provision) is what setup makes.
+        with StandIn(tmp_path / "provisioned") as other:
+            other.cloud.provision(DEPLOYER, RUNTIME)
+            provisioned = other.cloud.store["sql/hello-birthday"]["settings"]
+        for key, value in provisioned.items():
+            if isinstance(value, dict):
+                assert {k: settings[key].get(k) for k in value} == value, key
+            else:
+                assert settings[key] == value, key
         ip = settings["ipConfiguration"]
         assert ip["ipv4Enabled"] is False and ip["privateNetwork"].endswith("/networks/default")
         assert store["servicenetworking/default"]["reservedPeeringRanges"] == \
