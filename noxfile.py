@@ -388,6 +388,11 @@ def gke_local(session: nox.Session) -> None:
                 env={"HELM": helm_bin, **test_database_env()})
 
 
+# The google-cloud-cli release the stand-in's tests are run with here and on CircleCI
+# (.circleci/config.yml's gcloud-version installs it; tests/test_circleci.py: equal).
+GCLOUD_VERSION = "528.0.0"
+
+
 @nox.session
 def cloudrun(session: nox.Session) -> None:
     """cloudrun/setup.sh and deploy.sh end to end, the manifests and alerting policies
@@ -410,8 +415,15 @@ def cloudrun(session: nox.Session) -> None:
         session.error("PostgreSQL's server binaries are not installed (Debian/Ubuntu: "
                       "postgresql): the stand-in runs each Cloud SQL instance as a cluster")
     ensure_promtool(session)
-    session.run(gcloud, "--version", external=True,
-                env={"CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1"})
+    version = session.run(gcloud, "--version", external=True, silent=True,
+                          env={"CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1"})
+    installed = version.split("Google Cloud SDK", 1)[1].split()[0] if version else "unknown"
+    session.log(f"gcloud {installed} at {gcloud}")
+    if installed != GCLOUD_VERSION:
+        message = f"gcloud {installed} is installed; the tests pin {GCLOUD_VERSION}"
+        if os.environ.get("CI"):
+            session.error(message + " (CI is set)")
+        session.warn(message)
     session.run("unshare", "-m", "-n", "bash", "tests/cloud/netns.sh",
                 "python", "-m", "pytest", "-p", "no:cacheprovider", "tests/cloud",
                 *session.posargs, external=True)

@@ -295,7 +295,8 @@ SQL_HA_SSD_GB_MONTH, SQL_STORAGE_GB = 0.34, 10        # same page; gcloud's defa
 RUN_VCPU_SECOND, RUN_GIB_SECOND = 0.000018, 0.000002  # https://cloud.google.com/run/pricing
 RUN_FREE_VCPU_SECONDS, RUN_FREE_GIB_SECONDS = 240_000, 450_000
 ALERT_CONDITION_MONTH = 1.50  # https://cloud.google.com/monitoring/alerts/cost-control
-GMP_PER_MILLION_SAMPLES, SAMPLES_PER_SCRAPE = 0.06, 200  # https://cloud.google.com/stackdriver/pricing
+# https://cloud.google.com/stackdriver/pricing; the sample count test_deploy.py checks
+GMP_PER_MILLION_SAMPLES, SAMPLES_PER_SCRAPE = 0.06, 200
 HOURS = 730
 
 
