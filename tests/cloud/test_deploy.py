@@ -218,24 +218,13 @@ def test_upgrade_in_steps(cloud):
     assert get(standin.cloud.url("hello-birthday") + "/readyz") == 200
 
 
-def test_any_earlier_image_redeploys_under_any_configuration(cloud):
-    """The revision's name carries the image digest and the rendered template's
-    hash: an older image under a newer configuration gets a name of its own."""
-    standin, deployer, _ = cloud
-    first_release(standin, deployer)
-    code, output = deployer.run(2)
-    assert code == 0, output
-    code, output = deployer.run(1, CPU_THROTTLING="true")  # image 1, configuration changed
-    assert code == 0, output
-    again = revision_of(1, CPU_THROTTLING="true")
-    assert again != revision_of(1) and traffic(standin) == {again: 100}
-    code, output = deployer.run(1)  # image 1 as first deployed: its own revision again
-    assert code == 0, output
-    assert traffic(standin) == {revision_of(1): 100}
-    assert_traffic_only_on_verified_revisions(standin)
-
-
-def test_a_revision_name_conflict_stops_the_deploy_before_the_backup(cloud):
+def test_earlier_images_redeploy_a_name_conflict_stops_first_and_backups_are_pruned(cloud):
+    """A release history. The revision's name carries the image digest and the
+    rendered template's hash: an older image under a newer configuration gets a
+    name of its own, the same one under the same configuration its old revision;
+    a name taken by another configuration is refused by the server's dry run,
+    before the backup; the deploy keeps its newest ON_DEMAND_BACKUPS_KEPT backups
+    and never deletes one somebody else took."""
     standin, deployer, _ = cloud
     first_release(standin, deployer)
     taken = revision_of(1).removeprefix("hello-birthday-")
@@ -247,21 +236,26 @@ def test_a_revision_name_conflict_stops_the_deploy_before_the_backup(cloud):
             if e["kind"] not in ("served", "dry-run")] == []
     assert traffic(standin) == {revision_of(1): 100}
 
-
-def test_the_deploys_own_backups_are_pruned_to_the_newest_kept(cloud):
-    standin, deployer, _ = cloud
-    first_release(standin, deployer)
-    # Somebody's own backup is never deleted.
     result = deployer.gcloud("sql", "backups", "create", "--instance=hello-birthday",
                              "--description=manual, before the audit")
     assert result.returncode == 0, result.stderr
-    for _ in range(2):
-        code, output = deployer.run(1, ON_DEMAND_BACKUPS_KEPT="2")
-        assert code == 0, output
-    descriptions = [b["description"] for b in standin.cloud.backups]
-    assert descriptions.count(f"before deploying {revision_of(1)}") == 2
-    assert "manual, before the audit" in descriptions
-    assert len(events(standin, "backup-deleted")) == 1
+    code, output = deployer.run(2, ON_DEMAND_BACKUPS_KEPT="2")
+    assert code == 0, output
+    code, output = deployer.run(1, CPU_THROTTLING="true", ON_DEMAND_BACKUPS_KEPT="2")
+    assert code == 0, output  # image 1, configuration changed: a revision of its own
+    again = revision_of(1, CPU_THROTTLING="true")
+    assert again != revision_of(1) and traffic(standin) == {again: 100}
+    code, output = deployer.run(1, ON_DEMAND_BACKUPS_KEPT="2")
+    assert code == 0, output  # image 1 as first deployed: its own revision again
+    assert traffic(standin) == {revision_of(1): 100}
+    assert_traffic_only_on_verified_revisions(standin)
+
+    deploys = [b for b in standin.cloud.backups
+               if b["description"].startswith("before deploying")]
+    assert [b["description"] for b in deploys] == [f"before deploying {again}",
+                                                   f"before deploying {revision_of(1)}"]
+    assert "manual, before the audit" in [b["description"] for b in standin.cloud.backups]
+    assert len(events(standin, "backup-deleted")) == 2
 
 
 @pytest.mark.parametrize("fault", ["backup-fails", "migration-fails"])
@@ -281,11 +275,17 @@ def test_a_failed_backup_or_migration_changes_nothing_and_a_rerun_completes(clou
     assert_backup_before_each_migration_before_each_revision(standin)
 
 
-def test_without_its_iam_role_the_runtime_cannot_log_in_and_nothing_moves(cloud):
-    """Cloud SQL checks roles/cloudsql.instanceUser at every IAM login: the
-    migration fails, the serving revision keeps serving."""
+def test_without_the_right_path_or_role_the_migration_cannot_log_in_and_nothing_moves(cloud):
+    """setup.sh made a private-IP instance: a deploy that says public IP cannot
+    reach it; and Cloud SQL checks roles/cloudsql.instanceUser at every IAM
+    login. Either way the migration fails and the serving revision keeps serving."""
     standin, deployer, _ = cloud
     first_release(standin, deployer)
+    mark = len(standin.cloud.events)
+    code, output = deployer.run(2, CLOUDSQL_CONNECTIVITY="public")
+    assert code != 0
+    assert events(standin, "proxy-refused", mark)[0]["reason"] == \
+        'instance does not have IP of type "PUBLIC"'
     policy = standin.cloud.store["policy:projects/p"]
     policy["bindings"] = [b for b in policy["bindings"]
                           if b["role"] != "roles/cloudsql.instanceUser"]
@@ -409,19 +409,6 @@ def test_under_domain_restricted_sharing_public_means_the_invoker_check_off(clou
     assert code == 0, output
     assert get(service_url + "/readyz") == 403
     assert_traffic_only_on_verified_revisions(standin)
-
-
-def test_the_deploy_must_say_how_the_instance_is_reached(cloud):
-    """setup.sh made a private-IP instance: a deploy that says public IP cannot
-    reach it (its migration fails, nothing moves); said right, it goes through."""
-    standin, deployer, _ = cloud
-    first_release(standin, deployer)
-    mark = len(standin.cloud.events)
-    code, output = deployer.run(2, CLOUDSQL_CONNECTIVITY="public")
-    assert code != 0
-    assert events(standin, "proxy-refused", mark)[0]["reason"] == \
-        'instance does not have IP of type "PUBLIC"'
-    assert traffic(standin) == {revision_of(1): 100}
 
 
 def test_a_mutable_image_tag_is_refused_before_anything_runs(cloud):

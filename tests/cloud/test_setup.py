@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.cloud.standin import StandIn
+from tests.cloud.standin import Cloud, StandIn
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -84,9 +84,12 @@ def test_setup_names_what_it_cannot_do_then_finishes_then_changes_nothing(tmp_pa
         assert backups["transactionLogRetentionDays"] == 7
         assert {"name": "cloudsql.iam_authentication", "value": "on"} in settings["databaseFlags"]
         # What the deploy scenarios start from (Cloud.provision) is what setup makes.
-        with StandIn(tmp_path / "provisioned") as other:
-            other.cloud.provision(DEPLOYER, RUNTIME)
-            provisioned = other.cloud.store["sql/hello-birthday"]["settings"]
+        other = Cloud(tmp_path, "p", "europe-west1", [])
+        try:
+            other.provision(DEPLOYER, RUNTIME)
+            provisioned = other.store["sql/hello-birthday"]["settings"]
+        finally:
+            other.destroy()
         for key, value in provisioned.items():
             if isinstance(value, dict):
                 assert {k: settings[key].get(k) for k in value} == value, key
