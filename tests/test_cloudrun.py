@@ -336,3 +336,5 @@ def test_the_stated_monthly_cost_is_the_manifests_at_list_prices(service):
         assert f"${figure:.2f}" in doc, f"${figure:.2f}"
     assert f"**${total:.2f}**" in doc
     assert f"{vcpu:g} vCPU and {gib:g} GiB" in doc and f"{conditions} PromQL conditions" in doc
+    max_scale = service["metadata"]["annotations"]["run.googleapis.com/maxScale"]
+    assert f"up to `maxScale` {max_scale}, each ${extra_instance:.2f}" in doc
