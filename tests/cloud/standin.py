@@ -716,7 +716,7 @@ class Cloud:
         # (https://cloud.google.com/sql/docs/postgres/create-instance#machine-types:
         # "If the database version for your instance is PostgreSQL 16 or later, the
         # default edition is Cloud SQL Enterprise Plus"; gcloud sends no edition
-        # unless --edition is given: command_lib/sql/instances.py, _ParseEdition).
+        # unless --edition is given: googlecloudsdk/command_lib/sql/instances.py:203).
         if not edition or edition == "EDITION_UNSPECIFIED":
             edition = "ENTERPRISE_PLUS" if major >= 16 else "ENTERPRISE"
         settings["edition"] = edition
@@ -752,7 +752,7 @@ class Cloud:
         # Rule: point-in-time recovery keeps transaction logs 1-7 days on
         # Enterprise, 1-35 on Enterprise Plus ("The number of transaction log
         # retention days must be between 1 and 7.", langfuse/langfuse-terraform-gcp#8);
-        # defaults 7 and 14 (gcloud command_lib/sql/flags.py, --retained-transaction-log-days).
+        # defaults 7 and 14 (gcloud googlecloudsdk/command_lib/sql/flags.py:475).
         limit = 7 if edition == "ENTERPRISE" else 35
         days = backups.get("transactionLogRetentionDays")
         if backups.get("pointInTimeRecoveryEnabled") and days is None:
@@ -770,7 +770,9 @@ class Cloud:
                     "ipAddresses": []}
         error = None
         network = ip.get("privateNetwork")
-        if network:
+        if network:  # gcloud sends a self-link; Cloud SQL keeps the resource path
+            network = ip["privateNetwork"] = "projects/" + network.split("/projects/", 1)[-1] \
+                if "/projects/" in network else network
             short = network.rsplit("/", 1)[-1]
             # Rule: a private IP needs a Private Services Access connection on the
             # network first; without one the instance fails ("Failed to create
@@ -1207,7 +1209,7 @@ class Handler(BaseHTTPRequestHandler):
         with self.cloud.lock:
             settings = self.cloud.instance(instance).get("settings", {})
             # Rule: only a high-availability (REGIONAL) instance has a standby to
-            # fail over to (gcloud surface/sql/instances/failover.py: "Causes a
+            # fail over to (gcloud surface/sql/instances/failover.py:32: "Causes a
             # high-availability Cloud SQL instance to failover").
             if settings.get("availabilityType") != "REGIONAL":
                 raise bad("Invalid request: The instance is not configured for high "
@@ -1528,7 +1530,8 @@ class Handler(BaseHTTPRequestHandler):
     def _check_policy(self, policy: dict) -> None:
         # Rule: a PromQL condition's metrics must exist unless
         # disableMetricValidation (monitoring v3 PrometheusQueryLanguageCondition,
-        # gcloud generated_clients/apis/monitoring/v3/monitoring_v3_messages.py);
+        # gcloud googlecloudsdk/generated_clients/apis/monitoring/v3/
+        # monitoring_v3_messages.py:6771 and 6782);
         # here no metric exists before the first deploy. evaluationInterval is a
         # positive multiple of 30 s (same message). A subject is at most 255
         # characters (https://cloud.google.com/monitoring/alerts/doc-variables).

@@ -37,6 +37,16 @@ def setup(standin: StandIn, tmp_path, script: str | None = None,
                           timeout=900)
 
 
+def assert_within(expected, actual, path: str = "settings") -> None:
+    """Every field of `expected` is in `actual`, equal (nested dicts: recursively)."""
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            assert isinstance(actual, dict) and key in actual, f"{path}.{key}"
+            assert_within(value, actual[key], f"{path}.{key}")
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
 def members(store: dict, resource: str, role: str) -> set[str]:
     policy = store.get(f"policy:{resource}", {})
     return {m for b in policy.get("bindings", []) if b["role"] == role for m in b["members"]}
@@ -90,11 +100,7 @@ def test_setup_names_what_it_cannot_do_then_finishes_then_changes_nothing(tmp_pa
             provisioned = other.store["sql/hello-birthday"]["settings"]
         finally:
             other.destroy()
-        for key, value in provisioned.items():
-            if isinstance(value, dict):
-                assert {k: settings[key].get(k) for k in value} == value, key
-            else:
-                assert settings[key] == value, key
+        assert_within(provisioned, settings)
         ip = settings["ipConfiguration"]
         assert ip["ipv4Enabled"] is False and ip["privateNetwork"].endswith("/networks/default")
         assert store["servicenetworking/default"]["reservedPeeringRanges"] == \
