@@ -424,9 +424,41 @@ def cloudrun(session: nox.Session) -> None:
         if os.environ.get("CI"):
             session.error(message + " (CI is set)")
         session.warn(message)
-    session.run("unshare", "-m", "-n", "bash", "tests/cloud/netns.sh",
-                "python", "-m", "pytest", "-p", "no:cacheprovider", "tests/cloud",
-                *session.posargs, external=True)
+    command = ["unshare", "-m", "-n", "bash", "tests/cloud/netns.sh",
+               "python", "-m", "pytest", "-p", "no:cacheprovider", "tests/cloud"]
+    if session.posargs:  # a chosen few: one process
+        session.run(*command, *session.posargs, external=True)
+        return
+    # Two shards side by side, each in its own namespace: the scenarios wait on
+    # gcloud, probes and drains as much as on the CPU (tests/cloud/conftest.py).
+    run_shards(session, command, CLOUDRUN_SHARDS)
+
+
+CLOUDRUN_SHARDS = 2
+
+
+def run_shards(session: nox.Session, command: list[str], count: int) -> None:
+    """`command` once per shard (CLOUD_SHARD=i/count), at once; each log printed whole."""
+    import subprocess
+    import tempfile
+
+    env = {**os.environ, "PATH": f"{session.bin}{os.pathsep}{os.environ['PATH']}"}
+    runs = []
+    for index in range(count):
+        log = tempfile.TemporaryFile(mode="w+")
+        process = subprocess.Popen(command, env={**env, "CLOUD_SHARD": f"{index}/{count}"},
+                                   stdout=log, stderr=subprocess.STDOUT, text=True)
+        runs.append((process, log))
+    failed = []
+    for index, (process, log) in enumerate(runs):
+        code = process.wait()
+        log.seek(0)
+        session.log(f"shard {index}/{count}: exit {code}")
+        print(log.read(), flush=True)
+        if code:
+            failed.append(index)
+    if failed:
+        session.error(f"shards {failed} of {count} failed")
 
 
 @nox.session
