@@ -233,8 +233,10 @@ def lock(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The service against a minimal baseline app on PostgreSQL; prints ratios."""
+    """The service against a minimal baseline app on PostgreSQL; prints ratios. Installs wrk
+    when missing (a Python load generator saturates before the servers do)."""
     install_locked(session, MAIN_LOCK, DEV_LOCK)
+    apt_install(session, "wrk", "wrk")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
 
 
@@ -243,6 +245,7 @@ def bench_pythons(session: nox.Session) -> None:
     """The app under each Python of PYTHONS, side by side in the same rounds: the
     measurement that chooses IMAGE_PYTHON. Needs python3.11, 3.12 and 3.13 on PATH."""
     install_locked(session, MAIN_LOCK, DEV_LOCK)
+    apt_install(session, "wrk", "wrk")
     interpreters = []
     for version in PYTHONS:
         venv = Path(session.create_tmp()) / f"python{version}"

@@ -248,7 +248,9 @@ def main() -> int:
                              "baseline: which Python serves it best")
     args = parser.parse_args()
 
-    generator = "wrk" if shutil.which("wrk") else "httpx2 async client (install wrk for less noise)"
+    generator = "wrk" if shutil.which("wrk") else (
+        "httpx2 async client: it saturates before the servers do, so the ratios say little; "
+        "install wrk")
     print(f"load generator: {generator}; {os.cpu_count()} CPUs; {args.rounds} rounds x "
           f"{args.seconds}s x {args.connections} connections; pool {args.pool_size}")
     database_url, database_name = prepare_database(args.database_url)
