@@ -88,6 +88,18 @@ def tests(session: nox.Session) -> None:
     )
 
 
+# One apt-get at a time on a machine: .ci/run's lanes run sessions side by side, and
+# `apt-get update` fails at once while another holds the lists' lock (its
+# DPkg::Lock::Timeout waits for dpkg's lock only). tests/container_smoke.py takes it too.
+APT_LOCK = "/var/lock/hello-birthday-apt"
+
+
+def apt_get(session: nox.Session, *args: str) -> None:
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    session.run(*sudo, "flock", APT_LOCK, "apt-get", "-o", "DPkg::Lock::Timeout=600", *args,
+                external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
 def apt_install(session: nox.Session, command: str, package: str) -> None:
     """A Debian package's command, installed when missing (the build machines have apt)."""
     import shutil
@@ -96,11 +108,8 @@ def apt_install(session: nox.Session, command: str, package: str) -> None:
         return
     if not shutil.which("apt-get"):
         session.error(f"{command} is not installed (Debian/Ubuntu: the {package} package)")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    env = {"DEBIAN_FRONTEND": "noninteractive"}
-    session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
-    session.run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", package,
-                external=True, env=env)
+    apt_get(session, "update", "-qq")
+    apt_get(session, "install", "-y", "-qq", "--no-install-recommends", package)
 
 
 @nox.session
@@ -356,16 +365,7 @@ def alerts(session: nox.Session) -> None:
 
 def ensure_promtool(session: nox.Session) -> None:
     """promtool from PATH, else Debian's prometheus package; fails without it."""
-    import shutil
-
-    if not shutil.which("promtool") and shutil.which("apt-get"):
-        sudo = [] if os.geteuid() == 0 else ["sudo"]
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
-        session.run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                    "prometheus", external=True, env=env)
-    if not shutil.which("promtool"):
-        session.error("promtool is not installed (Debian/Ubuntu: the prometheus package)")
+    apt_install(session, "promtool", "prometheus")
     session.run("promtool", "--version", external=True)
 
 

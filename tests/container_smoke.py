@@ -62,9 +62,10 @@ def ensure_engine() -> None:
     missing = [tool for tool in ("podman", "buildah") if not shutil.which(tool)]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        run("apt-get", "update", "-qq", env=apt_env)  # a fresh machine's lists may be stale
-        run("apt-get", "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap",
-            env=apt_env)
+        # Under noxfile.APT_LOCK: other sessions may be running apt-get beside this one.
+        apt = ("flock", "/var/lock/hello-birthday-apt", "apt-get", "-o", "DPkg::Lock::Timeout=600")
+        run(*apt, "update", "-qq", env=apt_env)  # a fresh machine's lists may be stale
+        run(*apt, "install", "-y", "-qq", "podman", "buildah", "runc", "debootstrap", env=apt_env)
         missing = [tool for tool in ("podman", "buildah") if not shutil.which(tool)]
     if missing:
         sys.exit(f"container: FAILED: no container engine ({', '.join(missing)} missing) and "
