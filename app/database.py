@@ -49,6 +49,24 @@ class DatabaseLost(DatabaseUnavailable):
     missing or corrupt): not an outage that passes, so readiness turns 503 too."""
 
 
+class StatementRefused(Exception):
+    """PostgreSQL refused one of our statements on a healthy connection (a
+    constraint nobody expected): a bug, a 500 with its traceback in the log.
+
+    It names the server's error by class, SQLSTATE and schema object, never by
+    its message: a message may quote the row (``DETAIL: Failing row contains
+    (..., 1991-02-03)``), and a date of birth never reaches a log."""
+
+    @classmethod
+    def of(cls, error: Exception) -> StatementRefused:
+        diag = getattr(error, "diag", None)
+        where = [f"{name} {value}" for name, value in (
+            ("table", getattr(diag, "table_name", None)),
+            ("column", getattr(diag, "column_name", None)),
+            ("constraint", getattr(diag, "constraint_name", None))) if value]
+        return cls(", ".join([_describe(error), *where]))
+
+
 @dataclass
 class DatabaseStats:
     """Counts app.metrics reads when scraped; plain numbers, the event loop's only."""
@@ -357,6 +375,8 @@ class PostgresDatabase:
                 if not reusable or conflict:
                     raise _Retry(error) from error
                 raise self._unavailable(error) from error
+            if isinstance(error, self._psycopg.Error):
+                raise StatementRefused.of(error) from None
             raise
         finally:
             watchdog.cancel()

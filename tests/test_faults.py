@@ -305,7 +305,8 @@ def test_a_statement_timeout_keeps_the_connection(empty_postgres):
 
 def test_a_bug_is_one_500_and_one_log_entry_with_the_traceback(empty_postgres):
     """An integrity error the code does not expect (a constraint someone added)
-    is a bug, not an outage: 500, and one log entry."""
+    is a bug, not an outage: 500, and one log entry, which names the constraint
+    but not the row (PostgreSQL's DETAIL quotes it, date of birth included)."""
     admin(empty_postgres, "ALTER TABLE users ADD CONSTRAINT no_boom CHECK (username <> 'Boom')")
     live = LiveServer(empty_postgres).start()
     try:
@@ -320,4 +321,6 @@ def test_a_bug_is_one_500_and_one_log_entry_with_the_traceback(empty_postgres):
     errors = [e for e in log_entries(live) if e["severity"] == "ERROR"]
     assert len(errors) == 1, errors
     assert "Traceback" in errors[0]["message"] and "CheckViolation" in errors[0]["message"]
+    assert "constraint no_boom" in errors[0]["message"]
+    assert "1991" not in live.output, live.output
     assert errors[0]["httpRequest"]["status"] == 500
