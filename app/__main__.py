@@ -28,8 +28,9 @@ def main() -> int:
         return 2
     settings = app.state.settings
     readiness = app.state.readiness
-    server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port,
-                                           settings.keep_alive_seconds, lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(
+        app, settings.host, settings.port, settings.keep_alive_seconds, lifespan="on",
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds))
 
     def drain() -> None:
         readiness.draining = True

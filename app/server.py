@@ -28,11 +28,9 @@ from app.errors import Problem, problem_document
 from app.framing import Framing, Phase, Refusal
 from app.limits import (BODY_TIMEOUT_SECONDS, HEAD_TIMEOUT_SECONDS, MAX_HEAD_BYTES,
                         MAX_HEADER_LINES, SEND_TIMEOUT_SECONDS)
+from app.settings import Settings
 
 logger = logging.getLogger("app.server")
-
-# In-flight requests get this long after draining before connections are cut.
-GRACEFUL_SHUTDOWN_TIMEOUT = 10
 
 
 def _refusal() -> bytes:
@@ -154,7 +152,10 @@ class BoundedProtocol(asyncio.Protocol):
 def uvicorn_config(app: Any, host: str, port: int, keep_alive: float,
                    **options: Any) -> uvicorn.Config:
     """The server settings of ``python -m app``; the bench's baseline runs the same."""
-    options = {"http": BoundedProtocol, **options}
+    # After the drain, in-flight requests get this long before connections are cut
+    # (SHUTDOWN_TIMEOUT_SECONDS; a float works as well as uvicorn's int).
+    options = {"http": BoundedProtocol,
+               "timeout_graceful_shutdown": Settings.shutdown_timeout_seconds, **options}
     return uvicorn.Config(
         app,
         host=host,
@@ -168,7 +169,6 @@ def uvicorn_config(app: Any, host: str, port: int, keep_alive: float,
         server_header=False,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT,
         timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # a float works as well
         **options,
     )

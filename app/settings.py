@@ -50,6 +50,8 @@ class Settings:
     db_pool_timeout: float = 2.0
     db_statement_timeout: float = 5.0
     shutdown_drain_seconds: float = 0.0
+    # After the drain, in-flight requests get this long before their connections are cut.
+    shutdown_timeout_seconds: float = 10.0
     body_read_timeout: float = 5.0
     google_cloud_project: str | None = None
     # Idle keep-alive connections are kept this long. Behind the Google load
@@ -175,6 +177,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         db_pool_timeout=_number(env, "DB_POOL_TIMEOUT", 2.0, float, 0.1, 300),
         db_statement_timeout=_number(env, "DB_STATEMENT_TIMEOUT", 5.0, float, 0.1, 3600),
         shutdown_drain_seconds=_number(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, float, 0, 3600),
+        shutdown_timeout_seconds=_number(env, "SHUTDOWN_TIMEOUT_SECONDS",
+                                         Settings.shutdown_timeout_seconds, float, 0, 3600),
         # Below the server's own body deadline, so the client hears its 408.
         body_read_timeout=_number(env, "BODY_READ_TIMEOUT", 5.0, float, 0.1,
                                   BODY_TIMEOUT_SECONDS - 1),

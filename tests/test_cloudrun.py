@@ -16,6 +16,8 @@ from app.settings import Settings
 from tests.conftest import ROOT
 
 CLOUDRUN = ROOT / "cloudrun"
+# SIGTERM, then SIGKILL 10 s later:
+# https://cloud.google.com/run/docs/container-contract#instance-shutdown
 CLOUD_RUN_SIGTERM_GRACE_SECONDS = 10
 DIGEST = "a" * 64
 RUNTIME = "hello-birthday@proj.iam.gserviceaccount.com"
@@ -268,9 +270,13 @@ def test_no_secret_sits_in_the_service_spec(container):
     assert ":" not in url.split("//", 1)[1].split("@", 1)[0]
 
 
-def test_drain_fits_cloud_runs_sigterm_window(container):
-    drain = float(env_of(container)["SHUTDOWN_DRAIN_SECONDS"]["value"])
-    assert 0 < drain < CLOUD_RUN_SIGTERM_GRACE_SECONDS - 5  # room to finish in-flight requests
+def test_drain_and_shutdown_fit_cloud_runs_sigterm_window(container):
+    """The drain, then the time in-flight requests get, end before Cloud Run's SIGKILL."""
+    env = env_of(container)
+    drain = float(env["SHUTDOWN_DRAIN_SECONDS"]["value"])
+    timeout = float(env["SHUTDOWN_TIMEOUT_SECONDS"]["value"])
+    assert 0 < drain and timeout >= 5  # room to finish in-flight requests
+    assert drain + timeout <= CLOUD_RUN_SIGTERM_GRACE_SECONDS - 1  # and a second to exit
 
 
 def test_every_env_value_is_one_the_app_accepts(container):

@@ -161,8 +161,9 @@ def test_grace_period_outlasts_drain_and_request_timeout(docs):
     pod = find(docs, "Deployment")["spec"]["template"]["spec"]
     config = find(docs, "ConfigMap")["data"]
     drain = int(config["SHUTDOWN_DRAIN_SECONDS"])
-    assert drain > 0
-    assert pod["terminationGracePeriodSeconds"] > drain + 10
+    timeout = int(config["SHUTDOWN_TIMEOUT_SECONDS"])
+    assert drain > 0 and timeout > 0
+    assert pod["terminationGracePeriodSeconds"] > drain + timeout
 
 
 def test_pods_are_hardened(docs):

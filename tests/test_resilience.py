@@ -99,6 +99,22 @@ def test_in_flight_request_finishes_after_drain(sqlite_url):
     assert live.wait(timeout=20) == 0
 
 
+def test_in_flight_requests_hold_the_exit_at_most_the_shutdown_timeout(sqlite_url):
+    """SHUTDOWN_TIMEOUT_SECONDS bounds the wait for in-flight requests, so the
+    platform's SIGKILL never comes first (this upload would take 5 s to time out)."""
+    live = LiveServer(sqlite_url, SHUTDOWN_DRAIN_SECONDS="0", SHUTDOWN_TIMEOUT_SECONDS="1").start()
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(b"PUT /hello/Slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 28\r\n\r\n{\"dateOf")
+        time.sleep(0.3)
+        started = time.monotonic()
+        live.terminate()
+        exit_code = live.wait(timeout=20)
+        elapsed = time.monotonic() - started
+    assert exit_code == 0
+    assert 0.9 < elapsed < 3, elapsed
+
+
 # --- database outages ---------------------------------------------------------------------
 
 @pytest.fixture
