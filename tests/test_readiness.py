@@ -70,6 +70,28 @@ def test_ready_at_head_and_the_answer_is_cached():
     assert schema.reads == 1, "probe traffic must not reach the database on every call"
 
 
+def test_a_good_answer_is_cached_for_10_seconds_by_default(monkeypatch):
+    """docs/api.md: /readyz "caches a good answer for 10 s"."""
+    now = [1000.0]
+    monkeypatch.setattr("app.health.time.monotonic", lambda: now[0])
+    schema = Schema({HEAD})
+
+    async def scenario():
+        readiness = Readiness(schema)
+        answers = [await readiness.check()]
+        schema.revisions = set()  # the schema is gone: seen only once the cache runs out
+        now[0] += 9.9
+        answers.append(await readiness.check())
+        now[0] += 0.2
+        answers.append(await readiness.check())
+        return answers
+
+    cached, still_cached, rechecked = run(scenario())
+    assert cached is None and still_cached is None
+    assert rechecked and "no schema" in rechecked
+    assert schema.reads == 2
+
+
 def test_not_ready_until_migrated_then_ready_at_once():
     schema = Schema(set())
 
