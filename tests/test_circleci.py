@@ -213,3 +213,11 @@ def test_the_tests_run_on_productions_postgresql_major():
 @pytest.mark.parametrize("job", ["audit", "safety"])
 def test_the_vulnerability_gates_are_hard_on_circleci(job):
     assert CONFIG["jobs"][job]["environment"]["AUDIT_REQUIRED"] == "1"
+
+
+def test_the_readmes_session_table_names_every_nox_session():
+    names, _ = nox_sessions()
+    readme = (ROOT / "README.md").read_text()
+    rows = set(re.findall(r"^\| `([^`|]+)`(?:, `([^`|]+)`)? \|", readme, re.MULTILINE))
+    listed = {name for row in rows for name in row if name}
+    assert names - listed == set()
