@@ -165,15 +165,18 @@ def test_three_processes_share_six_server_connections_under_mixed_load(cluster, 
     seen: list[list[tuple]] = []
     with psycopg.connect(url, autocommit=True) as sampler:
         with MixedLoad(lives) as load:
-            deadline = time.monotonic() + 4
-            while time.monotonic() < deadline:
+            # At least 4 s and 1,000 requests: on a busy machine (CI runs lanes side
+            # by side) the thousand takes longer, never fewer.
+            started = time.monotonic()
+            while (time.monotonic() - started < 4 or len(load.outcomes) < 1000) and \
+                    time.monotonic() - started < 60:
                 seen.append(backends(sampler))
                 time.sleep(0.05)
         pools = cluster.bouncer.show("POOLS")
     print(f"\n{len(load.outcomes)} requests through PgBouncer from {PROCESSES} processes "
           f"(pools of 10): {len(load.failed)} failed; the database saw at most "
           f"{max(map(len, seen))} connections")
-    assert len(load.outcomes) > 1000
+    assert len(load.outcomes) >= 1000
     assert load.failed == [], set(load.failed)
     over = [rows for rows in seen if len(rows) > SERVER_CONNECTIONS]
     assert not over, "\n".join(map(str, over))
@@ -233,6 +236,9 @@ def test_killed_server_connections_cost_no_request(cluster, lives):
                                    "WHERE datname = current_database() "
                                    "AND pid <> pg_backend_pid()"))
         time.sleep(0.5)
+        waited = time.monotonic()  # on a busy machine: until 500 requests, never fewer
+        while len(load.outcomes) <= 500 and time.monotonic() - waited < 60:
+            time.sleep(0.1)
     why = [line for live in lives for line in live.output.splitlines()
            if "database unavailable" in line]
     print(f"\nkilled {killed} server connections behind PgBouncer in 6 rounds: "
