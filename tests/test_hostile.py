@@ -53,6 +53,28 @@ def closed_after(sock: socket.socket, limit: float) -> float:
     return time.monotonic() - started
 
 
+def trickle(sock: socket.socket, data: bytes, every: float,
+            limit: float = 30) -> tuple[bool, float]:
+    """Send ``data`` every ``every`` seconds until the server closes ``sock``:
+    (whether it closed within ``limit``, seconds until then)."""
+    started = time.monotonic()
+    sock.settimeout(every)
+    while time.monotonic() - started < limit:
+        try:
+            if not sock.recv(4096):
+                break
+        except TimeoutError:
+            try:
+                sock.sendall(data)
+            except OSError:
+                break
+        except ConnectionResetError:
+            break
+    else:
+        return False, time.monotonic() - started
+    return True, time.monotonic() - started
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from tests.conftest import migrate
@@ -112,18 +134,8 @@ def test_the_head_bound_is_64_kib_or_100_header_lines(server, lines, size, statu
 def test_a_head_that_trickles_in_is_cut_at_the_deadline(server):
     """A header line every 2 s (a slowloris) kept a connection for 36 s and more."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        started = time.monotonic()
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-        sock.settimeout(2)
-        while time.monotonic() - started < 30:
-            try:  # a line every 2 s, unless the server closes meanwhile
-                if not sock.recv(4096):
-                    break
-            except TimeoutError:
-                sock.sendall(b"X-Slow: 1\r\n")
-            except ConnectionResetError:
-                break
-        elapsed = time.monotonic() - started
+        _, elapsed = trickle(sock, b"X-Slow: 1\r\n", every=2)
     print(f"trickled head closed after {elapsed:.1f} s")
     assert HEAD_TIMEOUT_SECONDS - 0.5 <= elapsed <= HEAD_TIMEOUT_SECONDS + 2.5
 
@@ -317,18 +329,8 @@ def test_a_head_after_a_chunked_body_with_trailers_still_has_its_deadline(server
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(body)
         assert responses(sock, 1) == [b"HTTP/1.1 204"]
-        started = time.monotonic()
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-        sock.settimeout(1)
-        while time.monotonic() - started < 30:
-            try:
-                if not sock.recv(4096):
-                    break
-            except TimeoutError:
-                sock.sendall(b"X-Slow: 1\r\n")
-            except ConnectionResetError:
-                break
-        elapsed = time.monotonic() - started
+        _, elapsed = trickle(sock, b"X-Slow: 1\r\n", every=1)
     assert elapsed <= HEAD_TIMEOUT_SECONDS + 2
 
 
@@ -350,20 +352,7 @@ def test_a_body_that_trickles_after_its_answer_is_cut(server, request_head):
     byte every 2 s then kept the connection open without end."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(request_head)
-        started = time.monotonic()
-        sock.settimeout(2)
-        closed = False
-        while time.monotonic() - started < 30 and not closed:
-            try:
-                closed = not sock.recv(4096)
-            except TimeoutError:
-                try:
-                    sock.sendall(b"x")
-                except OSError:
-                    closed = True
-            except ConnectionResetError:
-                closed = True
-        elapsed = time.monotonic() - started
+        closed, elapsed = trickle(sock, b"x", every=2)
     assert closed and elapsed <= 10 + 2.5
 
 
