@@ -44,7 +44,7 @@ import psycopg
 
 from benchmarks.run import LUA, LUA_DONE, LUA_NAME, NAMES, letters_name, wrk_run
 from tests.conftest import migrate
-from tests.live_server import free_port, wait_ready
+from tests.live_server import free_port, stop_process, wait_ready
 from tests.pgbouncer import PgBouncer, ThrowawayPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,12 +87,7 @@ class App:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # in case a test froze it
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=20)
 
 
 @contextmanager

@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from tests.conftest import migrate
-from tests.live_server import free_port, wait_ready
+from tests.live_server import free_port, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = 3000
@@ -155,13 +155,8 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process, timeout=15)
 
 
 def wrk_run(url: str, method: str, seconds: int, connections: int, script_dir: Path) -> dict:
