@@ -148,9 +148,13 @@ def table_owner(cluster, table: str = "users") -> str:
                         database="hello").stdout.strip()
 
 
-def get(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
-                                     if token else {})
+def status(url: str, token: str | None = None, *, method: str = "GET",
+           body: bytes | None = None) -> int:
+    """The HTTP status of one request (a JSON body), with an ID token if given."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:  # nosec B310
             return reply.status
@@ -178,7 +182,7 @@ def test_first_deploy_then_a_harmless_rerun(cloud):
     # The migration logged in as the runtime account's IAM user, through the proxy:
     # the table is that role's, the role the service (and GKE) log in as.
     assert table_owner(cluster) == IAM_USER
-    assert get(standin.cloud.url("hello-birthday") + "/hello/Nobody") == 404  # public, served
+    assert status(standin.cloud.url("hello-birthday") + "/hello/Nobody") == 404  # public, served
     assert "nothing to roll back to" in output
     # The metrics sidecar scrapes the app's metrics, not the API and not the proxy.
     (scrape,) = standin.cloud.scrape(revision_of(1))
@@ -215,7 +219,7 @@ def test_upgrade_in_steps(cloud):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert traffic(standin) == {old: 100}
-    assert get(standin.cloud.url("hello-birthday") + "/readyz") == 200
+    assert status(standin.cloud.url("hello-birthday") + "/readyz") == 200
 
 
 def test_earlier_images_redeploy_a_name_conflict_stops_first_and_backups_are_pruned(cloud):
@@ -374,14 +378,14 @@ def test_private_mode_serves_only_callers_with_an_id_token(cloud):
     assert code == 0, output
     assert not standin.cloud.is_public("hello-birthday")
     service_url = standin.cloud.url("hello-birthday")
-    assert get(service_url + "/readyz") == 403
+    assert status(service_url + "/readyz") == 403
     token = deployer.gcloud("auth", "print-identity-token",
                             f"--impersonate-service-account={DEPLOYER}",
                             f"--audiences={service_url}").stdout.strip()
-    assert get(service_url + "/readyz", token) == 200
+    assert status(service_url + "/readyz", token) == 200
     code, output = deployer.run(2)  # and back to public, idempotently
     assert code == 0, output
-    assert get(service_url + "/readyz") == 200
+    assert status(service_url + "/readyz") == 200
     # An unreadable policy is never taken for "not public": the deploy stops.
     standin.cloud.faults["policy-read-fails"] = True
     code, output = deployer.run(2, INVOKER="private")
@@ -398,16 +402,16 @@ def test_under_domain_restricted_sharing_public_means_the_invoker_check_off(clou
     assert code == 0, output
     assert "disabling the invoker IAM check instead" in output
     service_url = standin.cloud.url("hello-birthday")
-    assert get(service_url + "/readyz") == 200
+    assert status(service_url + "/readyz") == 200
     mark = len(standin.cloud.events)
     code, output = deployer.run(2, TRAFFIC_STEPS="50 100")
     assert code == 0, output
     # Public all along: the replace kept the check off (no window of 403s).
     assert all(e["public"] for e in events(standin, "traffic", mark))
-    assert get(service_url + "/readyz") == 200
+    assert status(service_url + "/readyz") == 200
     code, output = deployer.run(2, INVOKER="private")
     assert code == 0, output
-    assert get(service_url + "/readyz") == 403
+    assert status(service_url + "/readyz") == 403
     assert_traffic_only_on_verified_revisions(standin)
 
 

@@ -11,12 +11,11 @@ import re
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from tests.cloud.test_deploy import DEPLOYER, RUNTIME, Deployer, revision_of, traffic
+from tests.cloud.test_deploy import (DEPLOYER, RUNTIME, Deployer, revision_of, status,
+                                     traffic)
 from tests.cloud.standin import StandIn
 from tests.conftest import ROOT
 
@@ -35,18 +34,8 @@ def runbook_command(marker: str, **values: str) -> str:
     return line + " --project=p --quiet"
 
 
-def call(url: str, method: str = "GET", body: bytes | None = None) -> int:
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:  # nosec B310
-            return reply.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def put(base: str, name: str) -> int:
-    return call(f"{base}/hello/{name}", "PUT", b'{"dateOfBirth": "1990-05-17"}')
+    return status(f"{base}/hello/{name}", method="PUT", body=b'{"dateOfBirth": "1990-05-17"}')
 
 
 def test_failover_maintenance_and_restore_as_the_runbook_says(tmp_path):
@@ -76,7 +65,7 @@ def test_failover_maintenance_and_restore_as_the_runbook_says(tmp_path):
 
         def load() -> None:
             while not stop.is_set():
-                statuses.append(call(f"{base}/hello/Nobody"))
+                statuses.append(status(f"{base}/hello/Nobody"))
         worker = threading.Thread(target=load)
         worker.start()
         time.sleep(1)
@@ -87,7 +76,7 @@ def test_failover_maintenance_and_restore_as_the_runbook_says(tmp_path):
         assert failover.returncode == 0, failover.stderr
         assert [e for e in standin.cloud.events if e["kind"] == "failover"]
         assert set(statuses) <= {404, 503} and statuses[-1] == 404, statuses
-        assert call(f"{base}/readyz") == 200
+        assert status(f"{base}/readyz") == 200
 
         # Restore: the data as it was at the backup, through the service.
         assert put(base, "Alice") == 204
@@ -95,7 +84,7 @@ def test_failover_maintenance_and_restore_as_the_runbook_says(tmp_path):
                         "--description='before the change' --project=p --quiet")
         assert backup.returncode == 0, backup.stderr
         assert put(base, "Bob") == 204
-        assert call(f"{base}/hello/Alice", "DELETE") == 204
+        assert status(f"{base}/hello/Alice", method="DELETE") == 204
         listed = gcloud(runbook_command("<!-- runbook: list backups -->"))
         assert listed.returncode == 0, listed.stderr
         (backup_id,) = [line.split()[0] for line in listed.stdout.splitlines()
@@ -103,10 +92,10 @@ def test_failover_maintenance_and_restore_as_the_runbook_says(tmp_path):
         restored = gcloud(runbook_command("<!-- runbook: restore -->", BACKUP_ID=backup_id))
         assert restored.returncode == 0, restored.stderr
         deadline = time.monotonic() + 30
-        while call(f"{base}/hello/Alice") != 200:
+        while status(f"{base}/hello/Alice") != 200:
             assert time.monotonic() < deadline, "the service did not come back after the restore"
             time.sleep(0.5)
-        assert call(f"{base}/hello/Bob") == 404
+        assert status(f"{base}/hello/Bob") == 404
         assert traffic(standin) == {revision_of(1): 100}
 
 
