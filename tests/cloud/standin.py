@@ -1361,11 +1361,14 @@ class Handler(BaseHTTPRequestHandler):
         return self._compute_operation(self._compute_url(f"global/networks/{body['name']}"),
                                        "insert")
 
-    def get_network(self, project, name):
+    def _compute_resource(self, kind: str, key: str, path: str) -> dict:
+        """A stored compute resource as the API returns it: its kind and selfLink added."""
         with self.cloud.lock:
-            network = self.cloud.get(f"compute/networks/{name}")
-            return {"kind": "compute#network", **network,
-                    "selfLink": self._compute_url(f"global/networks/{name}")}
+            return {"kind": f"compute#{kind}", **self.cloud.get(f"compute/{key}"),
+                    "selfLink": self._compute_url(path)}
+
+    def get_network(self, project, name):
+        return self._compute_resource("network", f"networks/{name}", f"global/networks/{name}")
 
     def insert_subnetwork(self, project, region):
         body = self._json_body()
@@ -1377,10 +1380,8 @@ class Handler(BaseHTTPRequestHandler):
             self._compute_url(f"regions/{region}/subnetworks/{body['name']}"), "insert")
 
     def get_subnetwork(self, project, region, name):
-        with self.cloud.lock:
-            subnet = self.cloud.get(f"compute/subnetworks/{region}/{name}")
-            return {"kind": "compute#subnetwork", **subnet,
-                    "selfLink": self._compute_url(f"regions/{region}/subnetworks/{name}")}
+        return self._compute_resource("subnetwork", f"subnetworks/{region}/{name}",
+                                      f"regions/{region}/subnetworks/{name}")
 
     def insert_address(self, project):
         body = self._json_body()
@@ -1393,10 +1394,8 @@ class Handler(BaseHTTPRequestHandler):
                                        "insert")
 
     def get_address(self, project, name):
-        with self.cloud.lock:
-            address = self.cloud.get(f"compute/addresses/global/{name}")
-            return {"kind": "compute#address", **address,
-                    "selfLink": self._compute_url(f"global/addresses/{name}")}
+        return self._compute_resource("address", f"addresses/global/{name}",
+                                      f"global/addresses/{name}")
 
     def get_compute_operation(self, project, name):
         return self._compute_operation(self._compute_url("global"), "insert") | {"name": name}
