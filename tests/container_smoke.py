@@ -112,7 +112,10 @@ def build(base: str) -> None:
             "--build-arg", f"VERSION={version}",
             "--build-arg", f"REVISION={revision or 'unknown'}", "-t", IMAGE, str(ROOT))
         return
-    run("buildah", *STORAGE, "bud", "--isolation", "chroot", "--pull-never", "--layers",
+    # No layer cache: buildah 1.28 (Debian 12's) keys a cached LABEL or ENV step by its
+    # text, not by the build-arg values in it, so an image built from unchanged sources
+    # kept an earlier commit's REVISION, and the revision check below failed on it.
+    run("buildah", *STORAGE, "bud", "--isolation", "chroot", "--pull-never", "--no-cache",
         "--network", "host", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
         "--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", f"VERSION={version}",
         "--build-arg", f"REVISION={revision or 'unknown'}", "-t", IMAGE, str(ROOT))
